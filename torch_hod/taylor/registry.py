@@ -1,0 +1,48 @@
+"""The table of Taylor-mode rules, keyed by the function a user calls.
+
+A *rule* for ``func`` is a callable with ``func``'s signature. The jet transform calls it with the
+same arguments, where every argument that carries a Taylor series is a :class:`~torch_hod.taylor.Jet`
+(plain tensors stay constants), and it must return Jet(s). A rule may be a composition of torch
+functions (each of which the transform knows), or may work on the stacked coefficients directly.
+
+torch_hod's own ops register their rules here when :mod:`torch_hod.ops` is imported; users add rules
+for their own functions with :func:`register_taylor_rule`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+_TAYLOR_RULES: Dict[Any, Callable[..., Any]] = {}
+
+
+def register_taylor_rule(func: Any, rule: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``rule`` as the Taylor-mode rule of ``func`` (a function, op or ``Function.apply``).
+
+    Returns ``rule`` so it can be used as a decorator factory: ``@register_taylor_rule(f, ...)``
+    is not supported; call ``register_taylor_rule(f, rule)`` after defining the rule.
+    """
+    if not callable(rule):
+        raise TypeError(f"register_taylor_rule: rule must be callable, got {type(rule).__name__}")
+    _TAYLOR_RULES[func] = rule
+    return rule
+
+
+def taylor_rule_for(func: Any) -> Optional[Callable[..., Any]]:
+    """The registered rule of ``func``, or ``None``."""
+    return _TAYLOR_RULES.get(func)
+
+
+def elementwise_rule(f: Callable[..., Any], df: Callable[..., Any]) -> Callable[..., Any]:
+    """Rule for an elementwise ``y = f(x, *params)`` from its derivative ``df(x, *params)``.
+
+    ``y(t)`` satisfies ``y'(t) = df(x(t)) x'(t)``: the series of ``df(x)`` to order K-1 (``df``
+    itself is evaluated on the jet, so it must use functions with rules) is multiplied by ``x'`` and
+    integrated term by term, which costs one jet of ``df`` plus O(K²) products.
+    """
+
+    def rule(x: Any, *params: Any) -> Any:
+        from torch_hod.taylor import jet as _jet  # the engine; imported late to avoid a cycle
+
+        return _jet.apply_elementwise_rule(f, df, x, *params)
+
+    return rule
