@@ -1,0 +1,3 @@
+from torch_hod.cli import main
+
+raise SystemExit(main())
