@@ -1,0 +1,241 @@
+"""The softmax family: ``softmax``, ``log_softmax`` and ``logsumexp``, every derivative of every order.
+
+With ``p = softmax(x)`` along the reduced dimension(s) and ``⟨a, b⟩`` the sum over them:
+
+=============  ==========================  =======================  ==========================
+op             forward                     backward (VJP)           tangent (JVP)
+=============  ==========================  =======================  ==========================
+softmax        ``p = eˣ / Σ eˣ``           ``x̄ = p ⊙ (ȳ − ⟨ȳ, p⟩)``  ``ẏ = p ⊙ (ẋ − ⟨ẋ, p⟩)``
+log_softmax    ``y = x − logsumexp(x)``    ``x̄ = ȳ − p ⟨ȳ, 1⟩``      ``ẏ = ẋ − ⟨ẋ, p⟩``
+logsumexp      ``y = log Σ eˣ``            ``x̄ = ȳ p``               ``ẏ = ⟨ẋ, p⟩``
+=============  ==========================  =======================  ==========================
+
+softmax and log_softmax save only their output (``p = exp(y)`` for log_softmax), logsumexp only its
+input; the ``p`` a rule needs is computed by :class:`SoftmaxFunction`, whose own derivative rule
+saves nothing but ``p``. So the second-order rule of anything built on these (cross_entropy)
+materialises no tensor beyond the softmax of the logits. The softmax VJP/JVP is ATen's
+``_softmax_backward_data`` (one fused kernel that is differentiable again, with forward AD and vmap).
+All formulas are max-subtracted by the built-ins, so logits of ±1e4 give finite derivatives.
+
+The Taylor rules are compositions: ``logsumexp(x) = c + log Σ exp(x − c)`` with ``c`` the primal max
+(a constant), ``log_softmax = x − logsumexp(x)``, ``softmax = exp(log_softmax(x))``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from torch_hod.ops.function import HigherOrderFunction, public_op, require_float, saved_primals
+
+__all__ = ["softmax", "log_softmax", "logsumexp", "SoftmaxFunction", "LogSoftmaxFunction", "LogsumexpFunction"]
+
+aten = torch.ops.aten
+Dims = Tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+def canonical_dim(x: Tensor, dim: Any, op: str) -> int:
+    """``dim`` as a non-negative int, or a clear error naming the valid range."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"torch_hod.ops.{op}: dim must be an int, got {type(dim).__name__}")
+    rank = max(x.dim(), 1)  # a 0-dim tensor has one (size-1) dimension, as in torch
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"torch_hod.ops.{op}: dim {dim} is out of range for a {x.dim()}-dim input; "
+            f"expected dim in [{-rank}, {rank - 1}]"
+        )
+    return dim % rank
+
+
+def canonical_dims(x: Tensor, dim: Any, op: str) -> Dims:
+    """``dim`` (an int or a non-empty sequence of distinct ints) as sorted non-negative ints."""
+    if isinstance(dim, (list, tuple, torch.Size)):
+        if len(dim) == 0:
+            raise ValueError(f"torch_hod.ops.{op}: dim must be an int or a non-empty sequence of ints, got {dim!r}")
+        dims = tuple(sorted(canonical_dim(x, d, op) for d in dim))
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"torch_hod.ops.{op}: dim {tuple(dim)} names a dimension more than once")
+        return dims
+    return (canonical_dim(x, dim, op),)
+
+
+def _implicit_dim(x: Tensor, op: str) -> int:
+    """torch's legacy choice of ``dim`` when it is omitted (with torch's deprecation warning)."""
+    warnings.warn(
+        f"Implicit dimension choice for {op} has been deprecated. Change the call to include dim=X as an argument.",
+        stacklevel=5,
+    )
+    return 0 if x.dim() in (0, 1, 3) else 1
+
+
+def _prepare(input: Tensor, dim: Optional[int], dtype: Optional[torch.dtype], op: str) -> Tuple[Tensor, int]:
+    require_float(input, op)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise TypeError(f"torch_hod.ops.{op}: dtype must be a floating-point dtype, got {dtype}")
+        input = input.to(dtype)
+    dim = _implicit_dim(input, op) if dim is None else dim
+    return input, canonical_dim(input, dim, op)
+
+
+def _unsqueeze(y: Tensor, dims: Dims) -> Tensor:
+    """Re-insert the reduced (sorted, non-negative) ``dims`` as size-1 dimensions."""
+    for d in dims:
+        y = y.unsqueeze(d)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# the Functions
+# --------------------------------------------------------------------------------------------------
+def _softmax_vjp(v: Tensor, p: Tensor, dims: Dims) -> Tensor:
+    """``p ⊙ (v − ⟨v, p⟩)``: the (symmetric) softmax Jacobian applied to ``v``."""
+    if len(dims) == 1 and p.dim() > 0:
+        return aten._softmax_backward_data(v, p, dims[0], p.dtype)
+    return p * (v - (v * p).sum(dims, keepdim=True))
+
+
+class SoftmaxFunction(HigherOrderFunction):
+    """``p = softmax(x)`` over ``dims``; saves only ``p``. VJP = JVP = ``p ⊙ (v − ⟨v, p⟩)``."""
+
+    @staticmethod
+    def forward(x: Tensor, *dims: int) -> Tensor:
+        if len(dims) == 1:
+            return torch.softmax(x, dims[0])
+        return torch.exp(x - torch.logsumexp(x, dims, keepdim=True))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        ctx.dims = tuple(inputs[1:])
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (p,) = ctx.saved_tensors
+        return (_softmax_vjp(grad, p, ctx.dims),) + (None,) * len(ctx.dims)
+
+    @staticmethod
+    def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
+        (p,) = saved_primals(ctx)
+        return _softmax_vjp(x_dot, p, ctx.dims)
+
+
+class LogSoftmaxFunction(HigherOrderFunction):
+    """``y = log_softmax(x)`` over ``dim``; saves only ``y``. VJP ``ȳ − eʸ Σȳ``, JVP ``ẋ − Σ eʸ ẋ``."""
+
+    @staticmethod
+    def forward(x: Tensor, dim: int) -> Tensor:
+        return torch.log_softmax(x, dim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        (y,) = ctx.saved_tensors
+        return grad - torch.exp(y) * grad.sum(ctx.dim, keepdim=True), None
+
+    @staticmethod
+    def tangent(ctx: Any, x_dot: Tensor, _: Any) -> Tensor:
+        (y,) = saved_primals(ctx)
+        return x_dot - (torch.exp(y) * x_dot).sum(ctx.dim, keepdim=True)
+
+
+class LogsumexpFunction(HigherOrderFunction):
+    """``y = log Σ_dims eˣ``; saves only ``x``. VJP ``ȳ · softmax(x)``, JVP ``⟨ẋ, softmax(x)⟩``."""
+
+    @staticmethod
+    def forward(x: Tensor, keepdim: bool, *dims: int) -> Tensor:
+        return torch.logsumexp(x, dims, keepdim)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        x, ctx.keepdim, *dims = inputs
+        ctx.dims = tuple(dims)
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        if not ctx.keepdim and x.dim() > 0:
+            grad = _unsqueeze(grad, ctx.dims)
+        return (grad * SoftmaxFunction.apply(x, *ctx.dims), None) + (None,) * len(ctx.dims)
+
+    @staticmethod
+    def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
+        (x,) = saved_primals(ctx)
+        return (x_dot * SoftmaxFunction.apply(x, *ctx.dims)).sum(ctx.dims, keepdim=ctx.keepdim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Taylor rules (compositions the jet transform propagates; ``x`` is a Jet)
+# --------------------------------------------------------------------------------------------------
+def _primal(x: Any) -> Tensor:
+    """The value (order-0 coefficient) of a Jet, or ``x`` itself for a plain tensor."""
+    return getattr(x, "primal", x)
+
+
+def _logsumexp_rule(input: Any, dim: Union[int, Sequence[int]], keepdim: bool = False) -> Any:
+    """``c + log Σ exp(x − c)``: exact for any constant ``c``; the primal max keeps it stable."""
+    dims = canonical_dims(input, dim, "logsumexp")
+    c = _primal(input).detach().amax(dims, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    y = torch.log(torch.exp(input - c).sum(dims, keepdim=True)) + c
+    return y if keepdim else y.squeeze(dims)
+
+
+def _log_softmax_rule(input: Any, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Any:
+    if dtype is not None:
+        input = input.to(dtype)
+    dim = _implicit_dim(input, "log_softmax") if dim is None else dim
+    return input - _logsumexp_rule(input, dim, keepdim=True)
+
+
+def _softmax_rule(input: Any, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Any:
+    return torch.exp(_log_softmax_rule(input, dim, dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------------------
+@public_op("softmax", taylor=_softmax_rule)
+def softmax(input: Tensor, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``softmax(x)_i = exp(x_i) / Σ_j exp(x_j)`` along ``dim`` (torch.softmax's signature).
+
+    Output has the input's shape (in ``dtype`` if given, cast before the op). Backward and tangent:
+    ``p ⊙ (v − ⟨v, p⟩)``, from the saved output ``p`` only.
+    """
+    input, dim = _prepare(input, dim, dtype, "softmax")
+    return SoftmaxFunction.apply(input, dim)
+
+
+@public_op("log_softmax", taylor=_log_softmax_rule)
+def log_softmax(input: Tensor, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``log_softmax(x) = x − logsumexp(x)`` along ``dim`` (torch.log_softmax's signature).
+
+    Output has the input's shape. Backward ``x̄ = ȳ − p Σȳ``, tangent ``ẏ = ẋ − ⟨ẋ, p⟩`` with
+    ``p = exp(y)`` from the saved output ``y`` only.
+    """
+    input, dim = _prepare(input, dim, dtype, "log_softmax")
+    return LogSoftmaxFunction.apply(input, dim)
+
+
+@public_op("logsumexp", taylor=_logsumexp_rule)
+def logsumexp(input: Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False) -> Tensor:
+    """``log Σ exp(x)`` over ``dim`` (an int or a sequence of ints), torch.logsumexp's signature.
+
+    Output: the input's shape without ``dim`` (kept as size 1 if ``keepdim``). Backward
+    ``x̄ = ȳ · softmax(x)``, tangent ``ẏ = ⟨ẋ, softmax(x)⟩``, from the saved input only.
+    """
+    require_float(input, "logsumexp")
+    return LogsumexpFunction.apply(input, bool(keepdim), *canonical_dims(input, dim, "logsumexp"))
