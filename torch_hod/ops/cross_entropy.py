@@ -1,0 +1,161 @@
+"""``cross_entropy`` with derivatives of every order whose second-order rule stores only ``softmax(z)``.
+
+With logits ``z`` (class dimension ``c``: dim 1, or dim 0 for an input of shape ``(C,)``) and a
+target distribution ``Q`` per sample (weights folded in), the per-sample loss is
+
+    ℓ = −Σ_c Q_c log softmax(z)_c = Σ_c Q_c (lse(z) − z_c),       lse = logsumexp over c,
+
+    index targets t:        Q_c = m · w_c · ((1 − ε) δ_{c,t} + ε / C)    (m = 0 where t = ignore_index)
+    probability targets q:  Q_c = w_c · ((1 − ε) q_c + ε / C)
+
+and the reduction is ``none`` (ℓ), ``sum`` (Σℓ) or ``mean`` (Σℓ / D, with D = Σ m w_t for index
+targets, torch's normaliser, and D = number of samples for probability targets).
+
+Derivatives (g = ∂loss/∂ℓ per sample, p = softmax(z)):
+
+    ∂/∂z_c = g · (s p_c − Q_c),   s = Σ_c Q_c;           ∂/∂q_c = −g (1 − ε) w_c log p_c.
+
+The loss is written as the linear map ``Σ_c Q_c (lse − z_c)`` of ``z`` around one nonlinear op,
+:func:`torch_hod.ops.logsumexp`, whose backward is ``ḡ · softmax(z)`` with ``softmax`` the torch_hod
+op that saves only ``p``. So the gradient is exactly ``g (s p − Q)`` and the Hessian-vector product
+``g s (p ⊙ v − p ⟨p, v⟩)`` materialises nothing beyond ``p``; index targets never build a one-hot
+``Q`` (a gather picks ``z_t``). Every order in every AD mode follows from the softmax-family
+Functions (the linear part is plain torch ops), and the Taylor rule is the same composition.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+
+from torch_hod.ops.function import public_op, require_float
+from torch_hod.ops.softmax import logsumexp
+
+__all__ = ["cross_entropy"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check(
+    input: Tensor, target: Any, weight: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float
+) -> None:
+    """Raise a clear error for every argument torch's cross_entropy would reject (and a few more)."""
+    require_float(input, "cross_entropy")
+    if input.dim() == 0:
+        raise ValueError("torch_hod.ops.cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"torch_hod.ops.cross_entropy: reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"torch_hod.ops.cross_entropy: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    class_dim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[class_dim]
+    if weight is not None:
+        require_float(weight, "cross_entropy", "weight")
+        if weight.dim() != 1 or weight.numel() != n_classes:
+            raise ValueError(
+                f"torch_hod.ops.cross_entropy: weight must be a 1-D tensor with one entry per class "
+                f"({n_classes}), got shape {tuple(weight.shape)}"
+            )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"torch_hod.ops.cross_entropy: target must be a Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"torch_hod.ops.cross_entropy: class-probability targets must have the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:
+            raise ValueError("torch_hod.ops.cross_entropy: ignore_index is not supported for class-probability targets")
+        return
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    if target.dtype != torch.long:
+        raise TypeError(
+            f"torch_hod.ops.cross_entropy: target has dtype {target.dtype}; expected int64 (torch.long) class "
+            f"indices of shape {tuple(expected)}, or floating class probabilities of shape {tuple(input.shape)}"
+        )
+    if target.shape != expected:
+        raise ValueError(
+            f"torch_hod.ops.cross_entropy: class-index targets for an input of shape {tuple(input.shape)} must have "
+            f"shape {tuple(expected)} (the input's shape without the class dimension {class_dim}), got {tuple(target.shape)}"
+        )
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):  # one host sync, outside any Function
+        raise IndexError(
+            f"torch_hod.ops.cross_entropy: target value {int(target[bad][0])} is out of range; class indices must "
+            f"lie in [0, {n_classes - 1}] (or equal ignore_index={ignore_index})"
+        )
+
+
+def _loss_per_sample(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float
+) -> Tuple[Tensor, Any]:
+    """``(ℓ, D)``: per-sample losses ``Σ_c Q_c (lse − z_c)`` and the mean-reduction normaliser."""
+    c = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[c]
+    eps = float(label_smoothing)
+    lse = logsumexp(input, c, keepdim=True)
+    neg_log_p = lse - input  # −log softmax(z); saved by autograd only for probability targets that require grad
+    w = None
+    if weight is not None:
+        w = weight.to(input.dtype).reshape((n_classes,) + (1,) * (input.dim() - 1 - c))
+    if target.dtype.is_floating_point:  # class probabilities
+        q = target.to(input.dtype)
+        if eps > 0:
+            q = q * (1 - eps) + eps / n_classes
+        if w is not None:
+            q = q * w
+        return (q * neg_log_p).sum(c), input.numel() // n_classes if n_classes else 0
+    valid = target != ignore_index  # class indices
+    t = torch.where(valid, target, torch.zeros_like(target))
+    m = valid.to(input.dtype)
+    w_t = m if weight is None else weight.to(input.dtype)[t] * m
+    # gather from ``input`` (alive anyway): gather's backward keeps its source tensor
+    loss = (1 - eps) * w_t * (lse - input.gather(c, t.unsqueeze(c))).squeeze(c)
+    if eps > 0:
+        smooth = neg_log_p if w is None else neg_log_p * w
+        loss = loss + (eps / n_classes) * m * smooth.sum(c)
+    return loss, w_t.sum()
+
+
+def _cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    _check(input, target, weight, ignore_index, reduction, label_smoothing)
+    loss, normaliser = _loss_per_sample(input, target, weight, ignore_index, label_smoothing)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / normaliser
+
+
+@public_op("cross_entropy", taylor=_cross_entropy)
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross entropy of logits ``input`` against ``target`` (torch.nn.functional.cross_entropy's signature).
+
+    ``input``: (C,), (N, C) or (N, C, d1, ...) logits. ``target``: int64 class indices of the input's
+    shape without the class dimension (entries in [0, C) or ``ignore_index``), or class probabilities
+    of the input's shape. ``weight``: optional (C,) class weights. Returns the per-sample losses
+    ``ℓ = −Σ_c Q_c log softmax(z)_c`` (``reduction="none"``), their sum, or their weighted mean (see the
+    module docstring for ``Q`` and the normaliser). Gradient ``g (s softmax(z) − Q)``; derivatives of
+    every order w.r.t. the logits and the probability targets.
+    """
+    return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
