@@ -7,116 +7,48 @@ torch built-ins.
 """
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Sequence
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 from torch_hod.ops import normalization as N
+from torch_hod.testing import check_op, tolerances
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _direction_derivatives(f: Callable, tensors: Sequence[torch.Tensor], k: int, seed: int):
-    """For ``φ(t) = <f(*(x + t v)), u>``: the reference ``φ^(k)(0)`` by reverse^k, and φ^(k)(0) by
-    every composition of torch.func grad (r) / jvp (f) of length k, as ``{modes: value}``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    rand = lambda t: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
-    vs = [rand(t) for t in tensors]
-    u = rand(f(*tensors))
+# ------------------------------------------------------------------------------ layer_norm
+# float64 to order 4 at rtol 1e-10; float32 to order 2 at the harness's float32 tolerances, against
+# the float64 reference. The inputs are (x, γ, β): every derivative mixes all three.
 
-    def phi(t):
-        return (f(*(x + t * v for x, v in zip(tensors, vs))) * u).sum()
-
-    def compose(fn, modes):
-        for m in modes:
-            fn = grad(fn) if m == "r" else (lambda g: lambda t: jvp(g, (t,), (torch.ones_like(t),))[1])(fn)
-        return fn
-
-    t0 = torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
-    return phi, t0, {"".join(m): compose(phi, m)(t0) for m in itertools.product("rf", repeat=k)}
+PRECISIONS = [(torch.float64, 4), (torch.float32, 2)]
+TRAILING = [((3, 4, 5), (5,)), ((2, 3, 4), (3, 4))]
 
 
-def _reverse_k(phi: Callable, t0: torch.Tensor, k: int) -> torch.Tensor:
-    t = t0.clone().requires_grad_(True)
-    y = phi(t)
-    for _ in range(k):
-        (y,) = torch.autograd.grad(y, t, create_graph=True)
-    return y.detach()
-
-
-def check_all_modes(op: Callable, ref: Callable, tensors: Sequence[torch.Tensor], order: int, rtol: float,
-                    atol: float = 1e-12, seed: int = 0) -> None:
-    """Compare every derivative order ≤ ``order`` of ``op`` with ``ref`` in every mode composition."""
-    ref64 = [t.double() for t in tensors]
-    for k in range(1, order + 1):
-        phi_ref, t_ref, _ = _direction_derivatives(ref, ref64, 0, seed + k)
-        expected = _reverse_k(phi_ref, t_ref, k)
-        assert expected.abs() > 1e-6, f"reference derivative of order {k} is zero: the check cannot fail"
-        phi, t0, got = _direction_derivatives(op, tensors, k, seed + k)
-        got["autograd-reverse"] = _reverse_k(phi, t0, k)
-        for modes, value in got.items():
-            err = (value.double() - expected).abs()
-            assert err <= atol + rtol * expected.abs(), (
-                f"order {k}, modes {modes}: got {value.item():.17g}, expected {expected.item():.17g}, "
-                f"rel err {(err / expected.abs()).item():.3g}")
-
-
-def check_jacobians(op: Callable, ref: Callable, x: torch.Tensor, rtol: float = 1e-10) -> None:
-    """jacrev, jacfwd, hessian (fwd-over-rev) and vmap of the op vs reverse-mode references."""
-    u = torch.randn_like(x)
-    scalar = lambda f: lambda y: (f(y) * u).sum()  # noqa: E731
-    jac_ref = torch.autograd.functional.jacobian(ref, x)
-    hess_ref = torch.autograd.functional.hessian(scalar(ref), x)
-    assert jac_ref.abs().max() > 0 and hess_ref.abs().max() > 0
-    for name, value, expected in (
-        ("jacrev", jacrev(op)(x), jac_ref), ("jacfwd", jacfwd(op)(x), jac_ref),
-        ("hessian", hessian(scalar(op))(x), hess_ref), ("jacrev∘jacrev", jacrev(jacrev(scalar(op)))(x), hess_ref),
-        ("jacfwd∘jacfwd", jacfwd(jacfwd(scalar(op)))(x), hess_ref),
-    ):
-        torch.testing.assert_close(value, expected, rtol=rtol, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    xs = torch.stack([x, 2 * x + 1, x.flip(0)])
-    torch.testing.assert_close(vmap(op)(xs), torch.stack([ref(t) for t in xs]), rtol=rtol, atol=1e-12)
-    torch.testing.assert_close(vmap(hessian(scalar(op)))(xs),
-                               torch.stack([torch.autograd.functional.hessian(scalar(ref), t) for t in xs]),
-                               rtol=rtol, atol=1e-12)
-
-
-def _params(shape, affine: bool, dtype, device, bias: bool = True):
+def _params(shape, affine: bool, dtype, device, bias: bool = True) -> list:
     if not affine:
-        return []
+        return [None, None] if bias else [None]
     w = torch.randn(shape, dtype=dtype, device=device) + 1.5
     return [w, torch.randn(shape, dtype=dtype, device=device)] if bias else [w]
 
 
-# ------------------------------------------------------------------------------ layer_norm
-
-LAYER_CASES = [((3, 4, 5), (5,)), ((3, 4, 5), (4, 5))]
+def _check(op, ref, inputs, dtype, order, argnums, **kwargs):
+    """check_op w.r.t. the inputs at ``argnums`` that are not None (input, weight, bias)."""
+    rtol, atol = tolerances(dtype)
+    argnums = tuple(i for i in argnums if inputs[i] is not None)
+    check_op(op, ref, inputs, order=order, rtol=rtol, atol=atol, kwargs=kwargs, argnums=argnums)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape,normalized", LAYER_CASES)
-@pytest.mark.parametrize("dtype,order,rtol", [(torch.float64, 4, 1e-10), (torch.float32, 2, 2e-4)])
-def test_layer_norm_derivatives(shape, normalized, affine, dtype, order, rtol, device):
+@pytest.mark.parametrize("shape,normalized", TRAILING)
+@pytest.mark.parametrize("dtype,order", PRECISIONS)
+def test_layer_norm_derivatives(shape, normalized, affine, dtype, order, device):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device=device)
-    params = _params(normalized, affine, dtype, device)
-    op = lambda x, *p: N.layer_norm(x, normalized, *p, eps=1e-3)  # noqa: E731
-    ref = lambda x, *p: N._layer_norm_composite(x, normalized, *p, eps=1e-3)  # noqa: E731
-    check_all_modes(op, ref, [x, *params], order, rtol, atol=1e-12 if dtype == torch.float64 else 1e-4)
-    torch.testing.assert_close(op(x, *params), F.layer_norm(x, normalized, *params, eps=1e-3))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_layer_norm_jacobians_and_vmap(device):
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 4, dtype=torch.float64, device=device)
-    w, b = _params((3, 4), True, torch.float64, device)
-    check_jacobians(lambda x: N.layer_norm(x, (3, 4), w, b), lambda x: N._layer_norm_composite(x, (3, 4), w, b), x)
+    inputs = (x, normalized, *_params(normalized, affine, dtype, device))
+    _check(N.layer_norm, N._layer_norm_composite, inputs, dtype, order, (0, 2, 3), eps=1e-3)
+    torch.testing.assert_close(N.layer_norm(*inputs), F.layer_norm(*inputs))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -130,29 +62,19 @@ def test_layer_norm_first_order_matches_builtin(device):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-def test_layer_norm_gradgradcheck():
-    torch.manual_seed(3)
-    x, w, b = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (4,), (4,)))
-    f = lambda x, w, b: N.layer_norm(x, (4,), w, b)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, w, b))
-    assert torch.autograd.gradgradcheck(f, (x, w, b))
-
-
 # -------------------------------------------------------------------------------- rms_norm
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape,normalized", LAYER_CASES)
-@pytest.mark.parametrize("dtype,order,rtol", [(torch.float64, 4, 1e-10), (torch.float32, 2, 2e-4)])
-def test_rms_norm_derivatives(shape, normalized, affine, dtype, order, rtol, device):
+@pytest.mark.parametrize("shape,normalized", TRAILING)
+@pytest.mark.parametrize("dtype,order", PRECISIONS)
+def test_rms_norm_derivatives(shape, normalized, affine, dtype, order, device):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device=device)
-    params = _params(normalized, affine, dtype, device, bias=False)
-    op = lambda x, *p: N.rms_norm(x, normalized, *p, eps=1e-3)  # noqa: E731
-    ref = lambda x, *p: N._rms_norm_composite(x, normalized, *p, eps=1e-3)  # noqa: E731
-    check_all_modes(op, ref, [x, *params], order, rtol, atol=1e-12 if dtype == torch.float64 else 1e-4)
-    torch.testing.assert_close(op(x, *params), F.rms_norm(x, normalized, *params, eps=1e-3))
+    inputs = (x, normalized, *_params(normalized, affine, dtype, device, bias=False))
+    _check(N.rms_norm, N._rms_norm_composite, inputs, dtype, order, (0, 2), eps=1e-3)
+    torch.testing.assert_close(N.rms_norm(*inputs, eps=1e-3), F.rms_norm(*inputs, eps=1e-3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -161,13 +83,6 @@ def test_rms_norm_default_eps_is_finfo_eps(dtype):
     torch.testing.assert_close(N.rms_norm(x, (5,)), F.rms_norm(x, (5,)))
     expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(dtype).eps)
     torch.testing.assert_close(N.rms_norm(x, (5,)), expected)
-
-
-def test_rms_norm_jacobians_and_vmap():
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 4, dtype=torch.float64)
-    (w,) = _params((4,), True, torch.float64, "cpu", bias=False)
-    check_jacobians(lambda x: N.rms_norm(x, (4,), w), lambda x: N._rms_norm_composite(x, (4,), w), x)
 
 
 # ------------------------------------------------------------------------------ batch_norm
@@ -183,34 +98,17 @@ def _running(c, dtype, device):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", BATCH_SHAPES)
-@pytest.mark.parametrize("dtype,order,rtol", [(torch.float64, 4, 1e-10), (torch.float32, 2, 2e-4)])
-def test_batch_norm_derivatives(shape, affine, training, dtype, order, rtol, device):
+@pytest.mark.parametrize("dtype,order", PRECISIONS)
+def test_batch_norm_derivatives(shape, affine, training, dtype, order, device):
+    """Training without running stats (the harness vmaps; in-place updates cannot be vmapped);
+    eval is affine in x and in γ, so its derivatives of order > 2 vanish identically."""
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device=device)
-    params = _params((shape[1],), affine, dtype, device)
-    rm, rv = (None, None) if training else _running(shape[1], dtype, device)
-    op = lambda x, *p: N.batch_norm(x, rm, rv, *p, training=training, eps=1e-3)  # noqa: E731
-    stats64 = (None, None) if training else (rm.double(), rv.double())  # the reference runs in float64
-    ref = lambda x, *p: N._batch_norm_composite(x, *stats64, *p, training=training, eps=1e-3)  # noqa: E731
-    # eval mode is affine in x and in γ: derivatives of order > 2 (> 1 without γ) vanish
-    check_all_modes(op, ref, [x, *params], order if training else min(order, 2 if affine else 1), rtol,
-                    atol=1e-12 if dtype == torch.float64 else 1e-4)
-    torch.testing.assert_close(op(x, *params), F.batch_norm(x, rm, rv, *params, training=training, eps=1e-3))
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_jacobians_and_vmap(training):
-    torch.manual_seed(1)
-    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
-    w, b = _params((2,), True, torch.float64, "cpu")
-    rm, rv = (None, None) if training else _running(2, torch.float64, "cpu")
-    op = lambda x: N.batch_norm(x, rm, rv, w, b, training=training)  # noqa: E731
-    ref = lambda x: N._batch_norm_composite(x, rm, rv, w, b, training=training)  # noqa: E731
-    if training:
-        check_jacobians(op, ref, x)
-    else:  # affine in x: the hessian is zero, so compare the Jacobians only
-        torch.testing.assert_close(jacfwd(op)(x), torch.autograd.functional.jacobian(ref, x), rtol=1e-10, atol=0)
-        torch.testing.assert_close(jacrev(op)(x), torch.autograd.functional.jacobian(ref, x), rtol=1e-10, atol=0)
+    stats = (None, None) if training else _running(shape[1], dtype, device)
+    inputs = (x, *stats, *_params((shape[1],), affine, dtype, device), training)
+    order = order if training else min(order, 2)  # eval: bilinear in (x, γ), higher orders are 0
+    _check(N.batch_norm, N._batch_norm_composite, inputs, dtype, order, (0, 3, 4), eps=1e-3)
+    torch.testing.assert_close(N.batch_norm(*inputs), F.batch_norm(*inputs))
 
 
 @pytest.mark.parametrize("shape", BATCH_SHAPES)
