@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-from torch_hod.curvature.linear_operator import CallableOperator, as_linear_operator
+from torch_hod.curvature.linear_operator import CallableOperator, LinearOperator, as_linear_operator
 
 __all__ = ["CGResult", "conjugate_gradient", "NewtonCG"]
 
@@ -49,16 +49,20 @@ def conjugate_gradient(A: Any, b: Tensor, *, damping: float = 0.0, x0: Optional[
     From ``x₀`` (default 0), ``r₀ = b − (A + λI)x₀``, ``p₀ = r₀``; each step
     ``α = rᵀr / pᵀ(A + λI)p``, ``x ← x + αp``, ``r ← r − α(A + λI)p``,
     ``p ← r + (r_newᵀr_new / rᵀr) p``. Stops when ``‖r‖ ≤ max(rtol·‖b‖, atol)`` (converged),
-    after ``max_iterations`` steps (default ``n``), or at the first ``p`` with
+    after ``max_iterations`` steps (default ``10n``), or at the first ``p`` with
     ``pᵀ(A + λI)p ≤ 0`` (``negative_curvature``; ``x`` is then the last iterate, a descent direction
     of the quadratic model when ``x₀ = 0``, or 0 at the first step). One product per step
     (plus one for ``x₀``). ``A``: a LinearOperator, a square matrix, or a matvec callable with
     ``size``; ``b``: ``(n,)`` in the operator's dtype and device.
     """
-    A = as_linear_operator(A, size)
-    n = A.shape[0]
     if not isinstance(b, Tensor):
         raise TypeError(f"conjugate_gradient: b must be a Tensor, got {type(b).__name__}")
+    if callable(A) and not isinstance(A, (LinearOperator, Tensor)):
+        if size is None:
+            raise ValueError("conjugate_gradient: a matvec callable needs size=n")
+        A = CallableOperator(A, size, b.dtype, b.device)
+    A = as_linear_operator(A)
+    n = A.shape[0]
     if b.shape != (n,):
         raise ValueError(f"conjugate_gradient: b must have shape ({n},) to match the operator, got {tuple(b.shape)}")
     if b.dtype != A.dtype:
@@ -68,7 +72,7 @@ def conjugate_gradient(A: Any, b: Tensor, *, damping: float = 0.0, x0: Optional[
                          f"got ({tuple(x0.shape)}, {x0.dtype})")
     if rtol < 0 or atol < 0:
         raise ValueError(f"conjugate_gradient: rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
-    steps = n if max_iterations is None else max_iterations
+    steps = 10 * n if max_iterations is None else max_iterations
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"conjugate_gradient: max_iterations must be an integer >= 0, got {max_iterations!r}")
 
@@ -124,7 +128,7 @@ class NewtonCG(torch.optim.Optimizer):
     4. with ``adapt_damping=True``, Levenberg–Marquardt: ``ρ = (f(θ + αd) − f) / q(αd)`` against
        the damped model ``q(s) = gᵀs + ½ sᵀ(H + λI)s`` (``dᵀ(H+λI)d = dᵀ(−g − r)`` from CG's
        residual ``r``, no extra product); ``λ ← λ·decrease`` if ``ρ > 3/4``,
-       ``λ ← λ·increase`` if ``ρ < 1/4`` or curvature was negative, clipped to
+       ``λ ← λ·increase`` if ``ρ < 1/4`` or CG met negative curvature, clipped to
        ``[min_damping, ∞)``. The current ``λ`` is ``group["damping"]``.
 
     The Hessian is that of the loss w.r.t. the group's parameters only (block-diagonal over
@@ -192,7 +196,7 @@ class NewtonCG(torch.optim.Optimizer):
         lam = group["damping"]
         H = CallableOperator(hvp, g.numel(), g.dtype, g.device)
         cg = conjugate_gradient(H, -g, damping=lam, rtol=group["cg_rtol"],
-                                max_iterations=min(group["cg_max_iterations"], g.numel()))
+                                max_iterations=group["cg_max_iterations"])
         d = cg.solution
         if cg.negative_curvature and cg.iterations == 0:
             d, dAd = -g, None
@@ -223,10 +227,10 @@ class NewtonCG(torch.optim.Optimizer):
             else:
                 model = alpha * gd + 0.5 * alpha ** 2 * dAd
                 rho = ((f_new - f0) / model).item() if model < 0 else -math.inf
-            if rho > 0.75:
-                lam *= group["decrease"]
-            elif rho < 0.25 or cg.negative_curvature:
+            if rho < 0.25 or cg.negative_curvature:
                 lam = max(lam, 1e-8) * group["increase"]
+            elif rho > 0.75:
+                lam *= group["decrease"]
             group["damping"] = max(lam, group["min_damping"])
         return dict(loss=f0, damping=group["damping"], cg_iterations=cg.iterations,
                     cg_residual=cg.residual_norm.item(), negative_curvature=cg.negative_curvature,
