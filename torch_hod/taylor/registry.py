@@ -41,8 +41,8 @@ def elementwise_rule(f: Callable[..., Any], df: Callable[..., Any]) -> Callable[
     """
 
     def rule(x: Any, *params: Any) -> Any:
-        from torch_hod.taylor import jet as _jet  # the engine; imported late to avoid a cycle
+        from torch_hod.taylor.engine import apply_elementwise_rule  # imported late: no cycle
 
-        return _jet.apply_elementwise_rule(f, df, x, *params)
+        return apply_elementwise_rule(f, df, x, *params)
 
     return rule

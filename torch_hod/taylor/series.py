@@ -1,0 +1,136 @@
+"""Truncated Taylor-series arithmetic on lists of normalised coefficients.
+
+A series is a list ``c = [c0, c1, ..., cK]`` of *normalised* coefficients,
+``x(t) = c0 + c1 t + c2 t² + ... + cK t^K`` (``c_k = x^{(k)}(0) / k!``). ``c0`` (the primal) has
+the value's shape; every ``c_k`` with ``k ≥ 1`` carries a leading direction axis ``(R, *shape)``.
+In *collapsed* mode the top coefficient ``cK`` has no direction axis: it is the sum over the R
+directions. Every rule below computes ``y_K`` as "linear part in the top input coefficient" plus
+"products of lower coefficients", and in collapsed mode sums those products over the direction
+axis (:func:`cross`), so the same code serves both modes (Dangel et al., 2025).
+
+All recurrences are O(K²) products of tensors (JAX jet / Griewank–Walther, ch. 13).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Series = List[Tensor]
+Number = Union[int, float]
+
+
+def cross(terms: Sequence[Tensor], top: bool) -> Union[Tensor, int]:
+    """Sum of products of directed coefficients; summed over directions when ``top`` (collapsed)."""
+    if not terms:
+        return 0
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total.sum(0) if top else total
+
+
+def _is_top(k: int, K: int, collapsed: bool) -> bool:
+    return collapsed and k == K
+
+
+def mul(a: Series, b: Series, collapsed: bool, times: Callable = torch.mul) -> Series:
+    """Cauchy product ``(a·b)_k = Σ_{i=0}^{k} a_i b_{k−i}`` (``times`` must broadcast over R)."""
+    K = len(a) - 1
+    out = [times(a[0], b[0])]
+    for k in range(1, K + 1):
+        inner = cross([times(a[i], b[k - i]) for i in range(1, k)], _is_top(k, K, collapsed))
+        out.append(times(a[0], b[k]) + times(a[k], b[0]) + inner)
+    return out
+
+
+def ode(x: Series, g: Series, k: int, top: bool) -> Tensor:
+    """k-th coefficient of ``y`` with ``y' = g · x'``: ``y_k = (1/k) Σ_{j=1}^{k} j x_j g_{k−j}``."""
+    return x[k] * g[0] + cross([(j / k) * x[j] * g[k - j] for j in range(1, k)], top)
+
+
+def integrate(x: Series, g: Series, y0: Tensor, collapsed: bool) -> Series:
+    """Series of ``y`` with ``y(0) = y0`` and ``y' = g x'``, for ``g`` known to order K−1."""
+    K = len(x) - 1
+    return [y0] + [ode(x, g, k, _is_top(k, K, collapsed)) for k in range(1, K + 1)]
+
+
+def exp(x: Series, collapsed: bool) -> Series:
+    """``y = eˣ``: ``y' = y x'``, so ``y_k = (1/k) Σ j x_j y_{k−j}``."""
+    K = len(x) - 1
+    y = [torch.exp(x[0])]
+    for k in range(1, K + 1):
+        y.append(ode(x, y, k, _is_top(k, K, collapsed)))
+    return y
+
+
+def log(x: Series, collapsed: bool, y0: Tensor = None) -> Series:
+    """``y = log x``: ``x y' = x'``, so ``y_k = (x_k − (1/k) Σ_{j=1}^{k−1} j y_j x_{k−j}) / x_0``."""
+    K = len(x) - 1
+    y = [torch.log(x[0]) if y0 is None else y0]
+    for k in range(1, K + 1):
+        inner = cross([(j / k) * y[j] * x[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
+        y.append((x[k] - inner) / x[0])
+    return y
+
+
+def div(a: Series, b: Series, collapsed: bool) -> Series:
+    """``z = a / b``: ``b z = a``, so ``z_k = (a_k − Σ_{j=1}^{k} b_j z_{k−j}) / b_0``.
+
+    ``a`` may be a one-element list ``[a0]`` (a constant numerator).
+    """
+    K = len(b) - 1
+    z = [a[0] / b[0]]
+    for k in range(1, K + 1):
+        inner = cross([b[j] * z[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
+        num = (a[k] if len(a) > 1 else 0) - b[k] * z[0] - inner
+        z.append(num / b[0])
+    return z
+
+
+def pow(x: Series, p: Union[Number, Tensor], collapsed: bool) -> Series:
+    """``y = x^p`` (constant p): ``x y' = p y x'``, so
+    ``y_k = Σ_{j=1}^{k} (p j − (k − j)) x_j y_{k−j} / (k x_0)``. Needs ``x_0 ≠ 0``."""
+    K = len(x) - 1
+    y = [torch.pow(x[0], p)]
+    for k in range(1, K + 1):
+        inner = cross([((p * j - (k - j)) / k) * x[j] * y[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
+        y.append((p * x[k] * y[0] + inner) / x[0])
+    return y
+
+
+def tanh(x: Series, collapsed: bool) -> Series:
+    """``y = tanh x``: ``y' = (1 − y²) x'``; the series of ``g = 1 − y²`` is built alongside."""
+    K = len(x) - 1
+    y = [torch.tanh(x[0])]
+    g = [1 - y[0] * y[0]]
+    for k in range(1, K + 1):
+        y.append(ode(x, g, k, _is_top(k, K, collapsed)))
+        if k < K:
+            g.append(-(2 * y[0] * y[k] + cross([y[i] * y[k - i] for i in range(1, k)], False)))
+    return y
+
+
+def sigmoid(x: Series, collapsed: bool) -> Series:
+    """``y = σ(x)``: ``y' = y(1 − y) x'``; ``g = y − y²`` is built alongside."""
+    K = len(x) - 1
+    y = [torch.sigmoid(x[0])]
+    g = [y[0] * (1 - y[0])]
+    for k in range(1, K + 1):
+        y.append(ode(x, g, k, _is_top(k, K, collapsed)))
+        if k < K:
+            g.append(y[k] * (1 - 2 * y[0]) - cross([y[i] * y[k - i] for i in range(1, k)], False))
+    return y
+
+
+def sincos(x: Series, collapsed: bool) -> "tuple[Series, Series]":
+    """``s = sin x, c = cos x``: ``s' = c x'``, ``c' = −s x'`` (coupled recurrence)."""
+    K = len(x) - 1
+    s, c = [torch.sin(x[0])], [torch.cos(x[0])]
+    for k in range(1, K + 1):
+        top = _is_top(k, K, collapsed)
+        s_k, c_k = ode(x, c, k, top), -ode(x, s, k, top)
+        s.append(s_k)
+        c.append(c_k)
+    return s, c
