@@ -291,7 +291,7 @@ def _compare(mode: str, order: int, got: Tensors, ref: Tensors, rtol: float, ato
     ref_flat = torch.cat([r.detach().reshape(-1).to(torch.float64) for r in ref]).to(got_flat.device)
     if got_flat.shape != ref_flat.shape:
         return CheckRow(mode, order, math.inf, math.inf, False, note=f"shape mismatch: op {tuple(got_flat.shape)}, reference {tuple(ref_flat.shape)}")
-    err = (got_flat - ref_flat).abs().nan_to_num(nan=math.inf)
+    err = (got_flat - ref_flat).abs().nan_to_num(nan=math.inf, posinf=math.inf)
     scale = ref_flat.abs().max().item() if ref_flat.numel() else 0.0
     max_abs = err.max().item() if err.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
