@@ -83,12 +83,13 @@ def _check_matmul(op: str, a: Tensor, b: Tensor, names: Sequence[str]) -> None:
 
 
 def _check_bmm(input: Tensor, mat2: Tensor) -> None:
-    _check_matmul("bmm", input, mat2, ("input", "mat2"))
+    require_floats("bmm", input=input, mat2=mat2)
     if input.dim() != 3 or mat2.dim() != 3 or input.shape[0] != mat2.shape[0]:
         raise ValueError(
             f"torch_hod.ops.bmm: expected 3-D tensors (b, n, m) and (b, m, p) with the same b; input has "
             f"shape {_shape(input)}, mat2 has shape {_shape(mat2)}"
         )
+    _check_matmul("bmm", input, mat2, ("input", "mat2"))
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
