@@ -29,13 +29,14 @@ Batched products (``batched=True`` or :func:`hvp_batched`): tangents carry a lea
 the function does not support vmap, the product falls back to a loop over the batch (with a
 warning) so results are always returned.
 
-Every mode is differentiable again when the primals require grad (e.g. model parameters), so
-``hvp`` itself can sit inside an outer ``.backward()``.
+Every mode is differentiable again, so ``hvp`` can sit inside an outer ``.backward()``: the
+torch.func modes always, ``rev-rev`` when a primal requires grad or ``create_graph=True`` (needed
+to reach tensors that ``func`` captures rather than takes as primals).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -134,10 +135,13 @@ def _resolve(mode: str, primals: Any, who: str) -> str:
 
 
 # --- the three compositions ---------------------------------------------------------------------
-def _rev_rev(f: Callable, primals: Tuple[Any, ...], tangents: Tuple[Any, ...], batched: bool) -> Tuple[Tensor, Any, Any]:
+def _rev_rev(f: Callable, primals: Tuple[Any, ...], tangents: Tuple[Any, ...], batched: bool,
+             create_graph: Optional[bool]) -> Tuple[Tensor, Any, Any]:
     leaves, spec = tree_flatten(primals)
     t_leaves = tree_flatten(tangents)[0]
-    connected = torch.is_grad_enabled() and any(p.requires_grad for p in leaves)
+    if create_graph is None:
+        create_graph = any(p.requires_grad for p in leaves)
+    connected = torch.is_grad_enabled() and create_graph
     xs = [p if p.requires_grad else p.detach().requires_grad_(True) for p in leaves]
     with torch.enable_grad():
         out, aux = f(*tree_unflatten(xs, spec))
@@ -204,7 +208,7 @@ def _func_batched(single: Callable, primals: Tuple[Any, ...], tangents: Tuple[An
 
 # --- public API ---------------------------------------------------------------------------------
 def hvp(func: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any], *, mode: str = "auto",
-        has_aux: bool = False, batched: bool = False) -> Tuple[Any, ...]:
+        has_aux: bool = False, batched: bool = False, create_graph: Optional[bool] = None) -> Tuple[Any, ...]:
     """Hessian-vector product ``(f(x), H v)`` with torch.func conventions.
 
     Args:
@@ -213,6 +217,10 @@ def hvp(func: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any
         tangents: tuple with the structure, shapes, dtypes and devices of ``primals``; with
             ``batched=True`` every leaf has an extra leading axis ``B`` (B tangents at once).
         mode: ``"auto"``, ``"rev-rev"``, ``"fwd-rev"`` or ``"rev-fwd"`` (module docstring).
+        create_graph: ``rev-rev`` only: record the second backward so ``Hv`` can be differentiated
+            again. ``None`` (default) records it when a primal requires grad; pass ``True`` to
+            differentiate w.r.t. tensors that ``func`` captures (e.g. a model's parameters while
+            ``primals`` are its inputs). The torch.func modes are always differentiable.
     Returns:
         ``(f(x), Hv)`` or ``(f(x), Hv, aux)``; ``Hv`` is shaped like ``primals`` (``(B, ...)``
         leaves when batched). ``(Hv)_i = Σ_j ∂²f/∂x_i∂x_j v_j``.
@@ -224,7 +232,7 @@ def hvp(func: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any
     f = _scalar_func(func, has_aux, who)
     primals, tangents = tuple(primals), tuple(tangents)
     if mode == "rev-rev":
-        out, hv, aux = _rev_rev(f, primals, tangents, batched)
+        out, hv, aux = _rev_rev(f, primals, tangents, batched, create_graph)
     else:
         single = _fwd_rev if mode == "fwd-rev" else _rev_fwd
         out, hv, aux = _func_batched(lambda p, t: single(f, p, t), primals, tangents) if batched \
@@ -233,10 +241,10 @@ def hvp(func: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any
 
 
 def hvp_batched(func: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any], *, mode: str = "auto",
-                has_aux: bool = False) -> Tuple[Any, ...]:
+                has_aux: bool = False, create_graph: Optional[bool] = None) -> Tuple[Any, ...]:
     """:func:`hvp` for ``B`` tangents at once: every tangent leaf has shape ``(B, *primal.shape)``;
     returns ``Hv`` leaves of shape ``(B, *primal.shape)`` with ``Hv[b] = H v[b]``."""
-    return hvp(func, primals, tangents, mode=mode, has_aux=has_aux, batched=True)
+    return hvp(func, primals, tangents, mode=mode, has_aux=has_aux, batched=True, create_graph=create_graph)
 
 
 def vhp(func: Callable[..., Tensor], inputs: Any, v: Any, *, create_graph: bool = False,
