@@ -183,3 +183,89 @@ def test_bad_eps(eps):
     _raises(ValueError, "eps must be a finite number ≥ 0", N.layer_norm, x, (3,), eps=eps)
     _raises(ValueError, "eps must be a finite number ≥ 0", N.rms_norm, x, (3,), eps=eps)
     _raises(ValueError, "eps must be a finite number ≥ 0", N.batch_norm, x, None, None, training=True, eps=eps)
+
+
+# ------------------------------------------------------------------------------ Taylor mode
+
+
+def _jet_reference(ref, x, v, u, K):
+    """``<u, d^k/dt^k ref(x + t v)>`` at t = 0 for k = 1..K, by reverse^k of the composite."""
+    t = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    s, out = (ref(x + t * v) * u).sum(), []
+    for _ in range(K):
+        (s,) = torch.autograd.grad(s, t, create_graph=True)
+        out.append(s)
+    return out
+
+
+TAYLOR_CASES = [
+    ("layer_norm", lambda x, w, b: N.layer_norm(x, (4,), w, b), lambda x, w, b: N._layer_norm_composite(x, (4,), w, b)),
+    ("rms_norm", lambda x, w, b: N.rms_norm(x, (4,), w), lambda x, w, b: N._rms_norm_composite(x, (4,), w)),
+    ("batch_norm", lambda x, w, b: N.batch_norm(x.transpose(1, 2), None, None, w, b, True),
+     lambda x, w, b: N._batch_norm_composite(x.transpose(1, 2), None, None, w, b, True)),
+]
+
+
+@pytest.mark.parametrize("name,op,ref", TAYLOR_CASES, ids=[c[0] for c in TAYLOR_CASES])
+def test_taylor_rule_matches_reverse_derivatives(name, op, ref):
+    """jet of the op (K = 4, R = 2 directions) vs reverse^k of the composite; and parameter
+    gradients through the jet (``.backward()``) vs those of the reference."""
+    from torch_hod.taylor import jet
+
+    torch.manual_seed(5)
+    d, K = torch.float64, 4
+    x = torch.randn(3, 2, 4, dtype=d)
+    w, b = (torch.randn(4, dtype=d, requires_grad=True) for _ in range(2))
+    V = torch.randn(2, 3, 2, 4, dtype=d)
+    U = torch.randn(3, 2, 4, dtype=d)
+    U = U.transpose(1, 2) if name == "batch_norm" else U  # the op's output layout
+    y0, ys = jet(lambda x: op(x, w, b), (x,), [[V] + [torch.zeros_like(V)] * (K - 1)])
+    torch.testing.assert_close(y0, ref(x, w, b).detach(), rtol=1e-12, atol=1e-12)
+    for r in range(2):
+        expected = _jet_reference(lambda x: ref(x, w, b), x, V[r], U, K)
+        for k in range(K):
+            assert expected[k].abs() > 1e-6
+            torch.testing.assert_close((ys[k][r] * U).sum(), expected[k], rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{name}: order {k + 1}: {m}")
+    # d/dγ of the second directional derivative (β drops out), through the jet and the reference
+    (got,) = torch.autograd.grad((ys[1] * U).sum(), w)
+    (expected,) = torch.autograd.grad(sum(_jet_reference(lambda x: ref(x, w, b), x, V[r], U, 2)[1] for r in range(2)), w)
+    assert expected.abs().max() > 1e-6
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_taylor_collapsed_laplacian_of_layer_norm():
+    """collapse=True with directions e_i and a zero 2nd coefficient: Σ_i ∂²y/∂x_i², vs the uncollapsed sum."""
+    from torch_hod.taylor import jet
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    E = torch.eye(10, dtype=torch.float64).reshape(10, 2, 5)
+    f = lambda x: N.layer_norm(x, (5,))  # noqa: E731
+    _, (_, lap) = jet(f, (x,), [[E, torch.zeros_like(x)]], collapse=True)
+    _, (_, per_direction) = jet(f, (x,), [[E, torch.zeros_like(E)]])
+    assert per_direction.abs().max() > 1e-6
+    torch.testing.assert_close(lap, per_direction.sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_taylor_batch_norm_updates_running_stats_from_the_primal():
+    from torch_hod.taylor import jet
+
+    torch.manual_seed(7)
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    ours = _running(3, torch.float64, "cpu")
+    theirs = tuple(t.clone() for t in ours)
+    jet(lambda x: N.batch_norm(x, *ours, training=True, momentum=0.2), (x,), [[torch.randn_like(x)]])
+    F.batch_norm(x, *theirs, training=True, momentum=0.2)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=0)
+
+
+def test_taylor_rule_validates_like_the_op():
+    from torch_hod.taylor import jet
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"normalized_shape=\[4\].*input of shape \(2, 3\)"):
+        jet(lambda x: N.layer_norm(x, (4,)), (x,), [[torch.ones_like(x)]])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        jet(lambda x: N.batch_norm(x[:1], None, None, training=True), (x,), [[torch.ones_like(x)]])

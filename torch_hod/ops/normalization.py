@@ -255,9 +255,13 @@ def _rms_norm_composite(input: Any, normalized_shape: ShapeLike, weight: Optiona
 
 def _update_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float,
                           dims: Tuple[int, ...]) -> None:
-    """``running ← (1 − m) running + m batch`` in place, unbiased variance, no autograd history."""
+    """``running ← (1 − m) running + m batch`` in place, unbiased variance, no autograd history.
+
+    ``x`` may be a Taylor-mode Jet (from the Taylor rule): the update uses its primal value."""
+    from torch_hod.taylor.engine import value  # imported late: the engine is not needed otherwise
+
     with torch.no_grad():
-        x = x.detach()
+        x = value(x)
         n = x.numel() // x.shape[1]
         var, mean = torch.var_mean(x, dims, correction=0)
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
