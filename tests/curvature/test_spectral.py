@@ -198,6 +198,17 @@ def test_trace_exact_cases():
     assert_close(r.estimate, torch.trace(A), rtol=1e-10)
 
 
+def test_exchangeable_estimators_on_low_rank_and_zero_operators():
+    """Rank 3 < m − 1: every leave-one-out range holds range(A), so XTrace and XDiag are exact;
+    the zero operator (singular sketch) gives 0, not NaN."""
+    A = sym([5.0, -2.0, 1.0] + [0.0] * 27)
+    assert_close(xtrace(A, 12).estimate, torch.trace(A), rtol=1e-10)
+    assert_close(xdiag(A, 12).estimate, torch.diag(A), rtol=1e-10)
+    Z = torch.zeros(10, 10, dtype=F64)
+    assert xtrace(Z, 6).estimate.item() == 0.0 and hutchpp_trace(Z, 6).estimate.item() == 0.0
+    assert torch.equal(xdiag(Z, 6).estimate, torch.zeros(10, dtype=F64))
+
+
 def naive_leave_one_out(A, Omega, diagonal):
     """XTrace / XDiag from their definition: an explicit QR of A Ω without column i, per i."""
     n, m = Omega.shape

@@ -136,6 +136,8 @@ def _loo_directions(R: Tensor) -> Tensor:
     ``Q (I − s_i s_iᵀ) Qᵀ``; and ``s_iᵀ R e_i = 1/‖R⁻ᵀ e_i‖``.
     """
     eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    # an exactly singular R (A Ω with zero columns, e.g. A = 0): perturb at rounding level
+    R = R + eye * torch.where(R.diagonal() == 0, torch.finfo(R.dtype).eps * R.abs().max().clamp_min(1), 0)
     Rinv_t = torch.linalg.solve_triangular(R, eye, upper=True).mT
     return Rinv_t / torch.linalg.vector_norm(Rinv_t, dim=0)
 
@@ -208,7 +210,7 @@ def xtrace(A: Any, num_matvecs: int, *, seed: int = 0,
     ``tr(A) ≈ (1/m) Σ_i [tr(Π_i A) + (n−m+1) x_iᵀAx_i/‖x_i‖²]``, ``Π_i`` the projector onto
     ``range(A ω_j, j ≠ i)`` and ``x_i = (I − Π_i) ω_i``. Unbiased, exact once ``m = n``, and
     typically more accurate than Hutch++ for the same budget; ``std`` is the paper's error
-    estimate ``std(t_i)/√m``. Needs ``A Ω`` of full column rank. Uses ``2m`` products.
+    estimate ``std(t_i)/√m``. Uses ``2m`` products.
     """
     A = _operator(A)
     m = min(_budget(num_matvecs, 2), A.shape[0])
