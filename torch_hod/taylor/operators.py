@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from torch_hod.taylor.jet import jet
+from torch_hod.taylor.engine import jet
 
 __all__ = [
     "derivatives",
@@ -222,10 +222,9 @@ def laplacian(
             raise ValueError(f"torch_hod.taylor.laplacian: num_samples must be a positive int, got {num_samples!r}")
         coeff = _sample((num_samples, *batch, width), distribution, x, generator)
     else:
-        coeff = torch.eye(width, dtype=x.dtype, device=x.device)
-    if weighting is not None:  # directions F c: (R, [*B], D)
-        lead = (1,) * (coeff.dim() - 2) if weighting.dim() == 2 else ()
-        coeff = torch.matmul(weighting.to(x.dtype).reshape(*lead, *weighting.shape), coeff.unsqueeze(-1)).squeeze(-1)
+        coeff = torch.eye(width, dtype=x.dtype, device=x.device).reshape(width, *(1,) * batch_dims, width)
+    if weighting is not None:  # directions F c: (R, *B or 1s, D)
+        coeff = torch.matmul(weighting.to(x.dtype), coeff.unsqueeze(-1)).squeeze(-1)
     lap = _directional_sum(func, x, _lift(coeff, x, batch_dims), 2, None, method)
     return _check_output(lap / num_samples if randomization else lap, x, batch_dims, "laplacian")
 
