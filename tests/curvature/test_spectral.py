@@ -93,6 +93,27 @@ def test_lanczos_model_hessian():
     assert_close(lanczos_eigsh(H, 2, which="SA").eigenvalues, lam[:2], rtol=1e-8)
 
 
+def test_on_hessian_operator():
+    """HessianOperator (matrix-free, torch_hod.curvature.operators) against torch.func.hessian."""
+    from torch_hod.curvature.operators import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(40, 3, dtype=F64), torch.randint(0, 3, (40,))
+    names = [k for k, _ in model.named_parameters()]
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    sizes = [p.numel() for p in params.values()]
+
+    def loss(theta):
+        p = {k: t.view_as(params[k]) for k, t in zip(names, theta.split(sizes))}
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, p, (X,)), y)
+
+    lam = torch.linalg.eigvalsh(torch.func.hessian(loss)(torch.cat([p.reshape(-1) for p in params.values()])))
+    H = HessianOperator(model, torch.nn.CrossEntropyLoss(), (X, y))
+    assert_close(lanczos_eigsh(H, 3).eigenvalues, lam.flip(0)[:3], rtol=1e-8)
+    assert_close(xtrace(H, 2 * H.shape[0]).estimate, lam.sum(), rtol=1e-10)
+
+
 def test_lanczos_restarts_on_invariant_subspace():
     """Rank 3, k = 5: the Krylov space is exhausted after 4 steps; restarts find the zero eigenvalues."""
     A = sym([3.0, 2.0, 1.0] + [0.0] * 17)
