@@ -11,11 +11,12 @@ logsumexp      ``y = log Σ eˣ``            ``x̄ = ȳ p``               ``ẏ 
 =============  ==========================  =======================  ==========================
 
 softmax and log_softmax save only their output (``p = exp(y)`` for log_softmax), logsumexp only its
-input; the ``p`` a rule needs is computed by :class:`SoftmaxFunction`, whose own derivative rule
-saves nothing but ``p``. So the second-order rule of anything built on these (cross_entropy)
-materialises no tensor beyond the softmax of the logits. The softmax VJP/JVP is ATen's
-``_softmax_backward_data`` (one fused kernel that is differentiable again, with forward AD and vmap).
-All formulas are max-subtracted by the built-ins, so logits of ±1e4 give finite derivatives.
+input. logsumexp's backward is :class:`ScaledSoftmaxFunction` ``c ⊙ softmax(x)`` (``c = ȳ``), which
+recomputes ``p`` from ``x`` instead of keeping it, so a Hessian-vector product through logsumexp
+(hence through cross_entropy) holds the gradient plus at most two logits-sized temporaries. The
+softmax VJP/JVP is ATen's ``_softmax_backward_data`` (one fused kernel, differentiable again, with
+forward AD and vmap). The built-in forwards are max-subtracted, so logits of ±1e4 give finite
+derivatives of every order.
 
 The Taylor rules are compositions: ``logsumexp(x) = c + log Σ exp(x − c)`` with ``c`` the primal max
 (a constant), ``log_softmax = x − logsumexp(x)``, ``softmax = exp(log_softmax(x))``.
@@ -27,10 +28,14 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.forward_ad import unpack_dual
 
 from torch_hod.ops.function import HigherOrderFunction, public_op, require_float, saved_primals
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "SoftmaxFunction", "LogSoftmaxFunction", "LogsumexpFunction"]
+__all__ = [
+    "softmax", "log_softmax", "logsumexp",
+    "SoftmaxFunction", "ScaledSoftmaxFunction", "LogSoftmaxFunction", "LogsumexpFunction",
+]
 
 aten = torch.ops.aten
 Dims = Tuple[int, ...]
@@ -93,6 +98,17 @@ def _unsqueeze(y: Tensor, dims: Dims) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # the Functions
 # --------------------------------------------------------------------------------------------------
+def _saved(ctx: Any) -> Tuple[Tensor, ...]:
+    """:func:`saved_primals`, keeping a saved tensor that vmap has batched as it is.
+
+    ATen has no batching rule for ``_unpack_dual``: a tangent rule that reads a saved *cotangent*
+    (batched by ``jacrev``/``hessian``) would fail there. Such a tensor belongs to functorch's own
+    levels, which never hand a Function a dual of the current level, so it needs no unpacking.
+    """
+    is_batched = torch._C._functorch.is_batchedtensor
+    return tuple(t if is_batched(t) else unpack_dual(t).primal for t in ctx.saved_tensors)
+
+
 def _softmax_vjp(v: Tensor, p: Tensor, dims: Dims) -> Tensor:
     """``p ⊙ (v − ⟨v, p⟩)``: the (symmetric) softmax Jacobian applied to ``v``."""
     if len(dims) == 1 and p.dim() > 0:
@@ -126,6 +142,43 @@ class SoftmaxFunction(HigherOrderFunction):
         return _softmax_vjp(x_dot, p, ctx.dims)
 
 
+class ScaledSoftmaxFunction(HigherOrderFunction):
+    """``y = c ⊙ softmax(x)`` over ``dims`` (``c`` has size 1 along ``dims``); saves only ``x`` and ``c``.
+
+    VJP ``x̄ = c ⊙ p ⊙ (ȳ − ⟨ȳ, p⟩)``, ``c̄ = ⟨ȳ, p⟩``; JVP ``ẏ = c ⊙ p ⊙ (ẋ − ⟨ẋ, p⟩) + ċ ⊙ p``.
+    This is logsumexp's backward (``c = ȳ``). It recomputes ``p`` rather than keeping it, so a
+    Hessian-vector product holds no softmax between the two passes, and its own backward frees
+    ``p`` before scaling: the HVP's peak is the gradient plus two logits-sized temporaries.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, c: Tensor, *dims: int) -> Tensor:
+        return SoftmaxFunction.forward(x, *dims) * c
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        x, c, *dims = inputs
+        ctx.dims = tuple(dims)
+        ctx.save_for_backward(x, c)
+        ctx.save_for_forward(x, c)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        x, c = ctx.saved_tensors
+        p = SoftmaxFunction.apply(x, *ctx.dims)
+        grad_c = (grad * p).sum_to_size(c.shape) if ctx.needs_input_grad[1] else None
+        grad_x = _softmax_vjp(grad, p, ctx.dims)
+        del p  # free the softmax before the scaled copy is allocated (when no graph keeps it)
+        return (grad_x * c, grad_c) + (None,) * len(ctx.dims)
+
+    @staticmethod
+    def tangent(ctx: Any, x_dot: Tensor, c_dot: Optional[Tensor], *_: Any) -> Tensor:
+        x, c = _saved(ctx)
+        p = SoftmaxFunction.apply(x, *ctx.dims)
+        y_dot = _softmax_vjp(x_dot, p, ctx.dims) * c
+        return y_dot if c_dot is None else y_dot + c_dot * p
+
+
 class LogSoftmaxFunction(HigherOrderFunction):
     """``y = log_softmax(x)`` over ``dim``; saves only ``y``. VJP ``ȳ − eʸ Σȳ``, JVP ``ẋ − Σ eʸ ẋ``."""
 
@@ -151,7 +204,8 @@ class LogSoftmaxFunction(HigherOrderFunction):
 
 
 class LogsumexpFunction(HigherOrderFunction):
-    """``y = log Σ_dims eˣ``; saves only ``x``. VJP ``ȳ · softmax(x)``, JVP ``⟨ẋ, softmax(x)⟩``."""
+    """``y = log Σ_dims eˣ``; saves only ``x``. VJP ``ȳ · softmax(x)`` (a :class:`ScaledSoftmaxFunction`),
+    JVP ``⟨ẋ, softmax(x)⟩``."""
 
     @staticmethod
     def forward(x: Tensor, keepdim: bool, *dims: int) -> Tensor:
@@ -169,7 +223,7 @@ class LogsumexpFunction(HigherOrderFunction):
         (x,) = ctx.saved_tensors
         if not ctx.keepdim and x.dim() > 0:
             grad = _unsqueeze(grad, ctx.dims)
-        return (grad * SoftmaxFunction.apply(x, *ctx.dims), None) + (None,) * len(ctx.dims)
+        return (ScaledSoftmaxFunction.apply(x, grad, *ctx.dims), None) + (None,) * len(ctx.dims)
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
