@@ -13,7 +13,7 @@ from torch_hod.testing import check_op, tolerances
 PRECISIONS = [(torch.float64, 4), (torch.float32, 2)]
 
 
-def _randn(*shape: int, dtype: torch.dtype, device: "torch.device | str", seed: int) -> torch.Tensor:
+def _randn(*shape: int, dtype: torch.dtype = torch.float64, device: "torch.device | str" = "cpu", seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -168,3 +168,103 @@ def test_matmul_bad_input(args, error, match):
 def test_bmm_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         bmm(*args)
+
+
+# --- Taylor mode ----------------------------------------------------------------------------
+
+def taylor_reference(f, primals, series, K: int, direction: int = 0):
+    """``y_k = d^k/dt^k f(x(t))`` at t = 0, ``x(t) = Σ_k x_k t^k / k!`` (Horner), by k nested
+    ``jacrev`` (reverse-over-reverse) of the built-in ``f``; coefficients with a leading direction
+    axis use their ``direction``-th row."""
+    def coeff(x0, xk):
+        return xk[direction] if xk.dim() == x0.dim() + 1 else xk
+
+    def path(t):
+        xs = []
+        for x0, xks in zip(primals, series):
+            acc = torch.zeros_like(x0)
+            for k in range(K, 0, -1):
+                acc = (coeff(x0, xks[k - 1]) + acc) * (t / k)
+            xs.append(x0 + acc)
+        return f(*xs)
+
+    t0 = torch.zeros((), dtype=primals[0].dtype, device=primals[0].device)
+    out, g = [], path
+    for _ in range(K):
+        g = torch.func.jacrev(g)
+        out.append(g(t0))
+    return out
+
+
+def assert_jet_matches(op, ref, primals, series, K, R=None, rtol=1e-10):
+    """``jet(op)`` against :func:`taylor_reference` of the built-in ``ref``, per direction."""
+    from torch_hod.taylor import jet
+
+    y0, ys = jet(op, primals, series)
+    torch.testing.assert_close(y0, ref(*primals), rtol=rtol, atol=0)
+    for r in range(R or 1):
+        expected = taylor_reference(ref, primals, series, K, r)
+        for k in range(K):
+            got = ys[k] if R is None else ys[k][r]
+            scale = expected[k].abs().max()
+            assert scale > 0, f"reference y_{k + 1} is zero: the check could not fail"
+            assert got.shape == expected[k].shape, f"y_{k + 1}: shape {got.shape}, expected {expected[k].shape}"
+            assert (got - expected[k]).abs().max() <= rtol * scale, f"y_{k + 1}, direction {r}"
+
+
+def _series(shapes_and_seeds, K, R=None, dtype=torch.float64, device="cpu"):
+    lead = () if R is None else (R,)
+    primals = [_randn(*s, dtype=dtype, device=device, seed=seed) for s, seed in shapes_and_seeds]
+    series = [[_randn(*lead, *s, dtype=dtype, device=device, seed=100 * seed + k) for k in range(K)]
+              for s, seed in shapes_and_seeds]
+    return primals, series
+
+
+@pytest.mark.parametrize("R", [None, 2], ids=["undirected", "R2"])
+@pytest.mark.parametrize("batch", [(), (2, 3)], ids=["1d", "3d"])
+def test_linear_taylor_all_operands(batch, R, device):
+    primals, series = _series([((*batch, 4), 1), ((5, 4), 2), ((5,), 3)], K=3, R=R, device=device)
+    assert_jet_matches(linear, F.linear, primals, series, K=3, R=R)
+
+
+def test_linear_taylor_constant_weight_and_collapse(device):
+    # x is the only jet (W, b constants); collapsed: top coefficient summed over 3 directions.
+    w, b = _randn(5, 4, device=device, seed=4), _randn(5, device=device, seed=5)
+    primals, series = _series([((2, 4), 6)], K=2, R=3, device=device)
+    assert_jet_matches(lambda x: linear(x, w, b), lambda x: F.linear(x, w, b), primals, series, K=2, R=3)
+    from torch_hod.taylor import jet
+
+    top = series[0][1].sum(0)
+    _, ys = jet(lambda x: linear(x, w, b), primals, [[series[0][0], top]], collapse=True)
+    expected = sum(taylor_reference(lambda x: F.linear(x, w, b), primals, [[series[0][0], top / 3]], 2, r)[1]
+                   for r in range(3))
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(ys[1], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shapes", MATMUL_SHAPES[:5], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matmul_taylor(shapes, device):
+    primals, series = _series([(shapes[0], 7), (shapes[1], 8)], K=3, R=2, device=device)
+    assert_jet_matches(matmul, torch.matmul, primals, series, K=3, R=2)
+
+
+def test_bmm_taylor_and_float32(device):
+    primals, series = _series([((3, 2, 4), 9), ((3, 4, 5), 10)], K=3, device=device)
+    assert_jet_matches(bmm, torch.bmm, primals, series, K=3)
+    primals, series = _series([((3, 4), 11), ((5, 4), 12)], K=2, dtype=torch.float32, device=device)
+    assert_jet_matches(linear, F.linear, primals, series, K=2, rtol=1e-5)
+
+
+def test_linear_taylor_gradient_reaches_parameters():
+    # a jet over x with W a parameter: .backward() of Σ y_2 equals the reference's gradient.
+    from torch_hod.taylor import jet
+
+    x, v = _randn(3, 4, seed=13), _randn(3, 4, seed=14)
+    w = _randn(5, 4, seed=15).requires_grad_()
+    _, ys = jet(lambda x: torch.tanh(linear(x, w)), (x,), ([v, torch.zeros_like(v)],))
+    ys[1].sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    ref = taylor_reference(lambda x: torch.tanh(F.linear(x, w2)), (x,), ([v, torch.zeros_like(v)],), 2)[1]
+    ref.sum().backward()
+    assert w2.grad.abs().max() > 0
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-10, atol=1e-12)

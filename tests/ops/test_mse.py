@@ -110,3 +110,29 @@ def test_mse_gradients_reach_parameters_by_backward():
 def test_mse_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         mse_loss(*args, **kwargs)
+
+
+# --- Taylor mode ----------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("shapes", SHAPES[:3], ids=lambda s: f"{s[0]}-{s[1]}")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_taylor_input_and_target(reduction, shapes, device):
+    from test_linear import assert_jet_matches  # the shared Taylor reference (nested jacrev of F.mse_loss)
+
+    K, R = 3, 2
+    primals = [_randn(*shapes[0], device=device, seed=20), _randn(*shapes[1], device=device, seed=21)]
+    series = [[_randn(R, *p.shape, device=device, seed=30 + 10 * i + k) for k in range(K)] for i, p in enumerate(primals)]
+    assert_jet_matches(lambda x, t: mse_loss(x, t, reduction=reduction),
+                       lambda x, t: F.mse_loss(x, t, reduction=reduction), primals, series, K=K, R=R)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_taylor_constant_target(reduction):
+    from test_linear import assert_jet_matches
+
+    t = _randn(3, 4, seed=40)
+    primals = [_randn(3, 4, seed=41)]
+    series = [[_randn(3, 4, seed=42), _randn(3, 4, seed=43)]]
+    assert_jet_matches(lambda x: mse_loss(x, t, reduction=reduction),
+                       lambda x: F.mse_loss(x, t, reduction=reduction), primals, series, K=2)
