@@ -118,6 +118,31 @@ def test_gradients_reach_parameters_by_backward():
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("op,ref,shapes", [
+    (linear, F.linear, [(3, 4), (5, 4), (5,)]),
+    (matmul, torch.matmul, [(2, 1, 3, 4), (5, 4, 2)]),
+    (matmul, torch.matmul, [(3, 4), (2, 4, 2)]),
+    (matmul, torch.matmul, [(4,), (2, 4, 3)]),
+    (bmm, torch.bmm, [(2, 3, 4), (2, 4, 2)]),
+], ids=["linear", "matmul_broadcast", "matmul_fold", "matmul_vector", "bmm"])
+def test_vmap_over_data_per_sample_hessians(op, ref, shapes):
+    # vmap over a batch of *inputs* (per-sample curvature): the rules then run on batched tensors.
+    args = [_randn(*s, seed=20 + i) for i, s in enumerate(shapes)]
+    batch = _randn(3, *shapes[0], seed=30)
+    argnums = tuple(range(len(args)))
+
+    def per_sample(fn):
+        loss = lambda *a: fn(*a).sin().sum()
+        return torch.func.vmap(torch.func.jacfwd(torch.func.jacrev(loss, argnums), argnums),
+                               in_dims=(0,) + (None,) * (len(args) - 1))(batch, *args[1:])
+
+    got = torch.utils._pytree.tree_leaves(per_sample(op))
+    expected = torch.utils._pytree.tree_leaves(per_sample(ref))
+    assert any(e.abs().max() > 0 for e in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def _f64(*shape: int) -> torch.Tensor:

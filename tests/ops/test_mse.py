@@ -94,6 +94,22 @@ def test_mse_gradients_reach_parameters_by_backward():
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_vmap_over_data_per_sample_hessians(reduction):
+    # per-sample losses under vmap: "mean" must divide by the per-sample size, not the batch's.
+    xs, ts = _randn(3, 2, 4, seed=16), _randn(3, 2, 4, seed=17)
+
+    def per_sample(fn):
+        loss = lambda x, t: fn(x.sin(), t, reduction=reduction).sum()
+        return torch.func.vmap(torch.func.jacfwd(torch.func.jacrev(loss, (0, 1)), (0, 1)))(xs, ts)
+
+    got, expected = per_sample(mse_loss), per_sample(F.mse_loss)
+    for i in range(2):
+        for j in range(2):
+            assert expected[i][j].abs().max() > 0
+            torch.testing.assert_close(got[i][j], expected[i][j], rtol=1e-10, atol=1e-12)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,kwargs,error,match", [
