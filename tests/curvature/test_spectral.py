@@ -4,11 +4,16 @@ Statistical checks use a tolerance derived from the observed variance: over R in
 |mean − exact| < 5 · (sample std) / √R.
 """
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from torch_hod.curvature.linear_operator import CallableOperator, DenseOperator
+from torch_hod.curvature.solvers import conjugate_gradient
 from torch_hod.curvature.spectral import (
     _xdiag_estimates, _xtrace_estimates, hutchinson_diagonal, hutchinson_trace, hutchpp_trace,
     lanczos_eigsh, plot_spectral_density, power_iteration, spectral_density, xdiag, xtrace,
@@ -340,3 +345,65 @@ def test_plot_spectral_density(tmp_path):
     path = plot_spectral_density(res, str(tmp_path / "density.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- data-parallel: identical probes on every rank -----------------------------------------------
+def distributed_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 3, (12,))
+    return model, torch.nn.CrossEntropyLoss(), X, y
+
+
+def estimates_on(data):
+    """Every estimator on the Hessian of the mean loss over ``data`` (collective under gloo)."""
+    from torch_hod.curvature.operators import HessianOperator
+
+    model, loss_fn, _, _ = distributed_problem()
+    H = HessianOperator(model, loss_fn, data)
+    b = torch.ones(H.shape[0], dtype=F64)
+    return {"xtrace": xtrace(H, 10).estimate, "hutchpp": hutchpp_trace(H, 9).estimate,
+            "xdiag": xdiag(H, 10).estimate, "lanczos": lanczos_eigsh(H, 2).eigenvalues,
+            "power": power_iteration(H, max_iterations=5, tol=0.0).eigenvalues,
+            "slq": spectral_density(H, 2, 4).nodes,
+            "cg": conjugate_gradient(H, b, damping=1.0, rtol=1e-10).solution}
+
+
+def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        _, _, X, y = distributed_problem()
+        shard = [(X[:7], y[:7])] if rank == 0 else [(X[7:9], y[7:9]), (X[9:], y[9:])]
+        torch.save(estimates_on(shard), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    """Two ranks on two shards (seeded probes, all-reduced products) return the same numbers as each
+    other and as one process on all the data."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(tmp_path / "init"), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    _, _, X, y = distributed_problem()
+    expected = estimates_on([(X, y)])
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    shard_only = estimates_on([(X[:7], y[:7])])["lanczos"]
+    assert (shard_only - expected["lanczos"]).abs().max() > 1e-3 * expected["lanczos"].abs().max()  # can fail
+    for name, ref in expected.items():
+        assert torch.equal(got[0][name], got[1][name]), f"{name}: ranks disagree"
+        assert_close(got[0][name], ref, rtol=1e-9)
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    distributed_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
