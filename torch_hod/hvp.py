@@ -16,6 +16,11 @@ rev-fwd     ``torch.func.grad(x ↦ torch.func.jvp(f, x, v)[1])``         backwa
 auto        rev-rev outside torch.func transforms, else fwd-rev        see :func:`choose_mode`
 ==========  =========================================================  ===========================
 
+Caution (measured on torch 2.13, pytorch#198017): built-ins whose forward-AD rule is not correctly
+differentiable give silently wrong ``rev-fwd`` products; ``F.layer_norm`` is off by ~30% (relative)
+w.r.t. its input, while ``rev-rev`` and ``fwd-rev`` are exact. ``rev-fwd`` is offered for
+completeness and for functions made of torch_hod ops; ``auto`` never picks it.
+
 ``auto`` rule (backed by ``benchmarks/bench_hvp.py`` and ``shared/FACTS.md``; CPU eager, fp32): the
 double backward was the fastest or within noise of the fastest on the MLP/CNN/transformer
 benchmarks and used about half the peak memory of ``jvp(grad)``, and it works for ops that lack
@@ -49,8 +54,9 @@ MODES: Tuple[str, ...] = ("rev-rev", "fwd-rev", "rev-fwd")
 
 
 # --- input checks -------------------------------------------------------------------------------
-def _leaf_names(tree: Any, root: str) -> List[str]:
-    return [root + keystr(path) for path, _ in tree_flatten_with_path(tree)[0]]
+def _leaf_name(tree: Any, index: int, root: str) -> str:
+    """``root[0]['weight']``-style name of leaf ``index`` (computed only for error messages)."""
+    return root + keystr(tree_flatten_with_path(tree)[0][index][0])
 
 
 def _check_primals(primals: Any, who: str) -> None:
@@ -62,13 +68,13 @@ def _check_primals(primals: Any, who: str) -> None:
     leaves, _ = tree_flatten(primals)
     if not leaves:
         raise ValueError(f"{who}: primals contain no tensors")
-    for name, leaf in zip(_leaf_names(primals, "primals"), leaves):
+    for i, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor):
-            raise TypeError(f"{who}: {name} must be a Tensor, got {type(leaf).__name__}")
+            raise TypeError(f"{who}: {_leaf_name(primals, i, 'primals')} must be a Tensor, got {type(leaf).__name__}")
         if not leaf.dtype.is_floating_point:
             raise TypeError(
-                f"{who}: {name} has dtype {leaf.dtype}; the Hessian needs real floating-point primals "
-                f"(float16/bfloat16/float32/float64). Convert with .double() or .float()."
+                f"{who}: {_leaf_name(primals, i, 'primals')} has dtype {leaf.dtype}; the Hessian needs real "
+                "floating-point primals (float16/bfloat16/float32/float64). Convert with .double() or .float()."
             )
 
 
@@ -81,22 +87,23 @@ def _check_tangents(primals: Any, tangents: Any, batched: bool, who: str) -> int
     if p_spec != t_spec:
         raise ValueError(f"{who}: tangents have pytree structure\n  {t_spec}\nexpected the structure of primals\n  {p_spec}")
     batch = 0
-    for name, p, t in zip(_leaf_names(tangents, "tangents"), p_leaves, t_leaves):
+    for i, (p, t) in enumerate(zip(p_leaves, t_leaves)):
+        name = lambda: _leaf_name(tangents, i, "tangents")  # noqa: E731
         if not isinstance(t, Tensor):
-            raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
+            raise TypeError(f"{who}: {name()} must be a Tensor, got {type(t).__name__}")
         want = tuple(p.shape)
         if batched:
             if t.ndim != p.ndim + 1 or tuple(t.shape[1:]) != want or (batch and t.shape[0] != batch):
                 lead = batch or "B"
-                raise ValueError(f"{who}: {name} has shape {tuple(t.shape)}, expected ({lead}, *{want}) "
+                raise ValueError(f"{who}: {name()} has shape {tuple(t.shape)}, expected ({lead}, *{want}) "
                                  "(a leading batch axis shared by all tangents)")
             batch = t.shape[0]
         elif tuple(t.shape) != want:
-            raise ValueError(f"{who}: {name} has shape {tuple(t.shape)}, expected {want} (the primal's shape)")
+            raise ValueError(f"{who}: {name()} has shape {tuple(t.shape)}, expected {want} (the primal's shape)")
         if t.dtype != p.dtype:
-            raise TypeError(f"{who}: {name} has dtype {t.dtype}, expected {p.dtype} (the primal's dtype)")
+            raise TypeError(f"{who}: {name()} has dtype {t.dtype}, expected {p.dtype} (the primal's dtype)")
         if t.device != p.device:
-            raise ValueError(f"{who}: {name} is on {t.device}, expected {p.device} (the primal's device)")
+            raise ValueError(f"{who}: {name()} is on {t.device}, expected {p.device} (the primal's device)")
     return batch
 
 
