@@ -7,18 +7,17 @@ distributed job draws *identical* probes and, since the operator's product is al
 computes identical statistics; and reports the products it used in ``num_matvecs``.
 Operators are assumed symmetric (Hessian, GGN, Fisher).
 
-=============================  =============================================================  ==========
-estimator                      formula                                                         products
-=============================  =============================================================  ==========
-:func:`hutchinson_trace`       ``mean_j z_jᵀ A z_j``, ``E[z zᵀ] = I``                          ``m``
-:func:`hutchpp_trace`          ``tr(QᵀAQ) + mean_j g_jᵀ(I−QQᵀ)A(I−QQᵀ)g_j``, ``Q = orth(AS)``  ``m``
-:func:`xtrace`                 exchangeable leave-one-out Hutch++ (Epperly–Tropp–Webber 2024)   ``m``
-:func:`hutchinson_diagonal`    ``mean_j z_j ∘ A z_j``, Rademacher ``z``                        ``m``
-:func:`xdiag`                  exchangeable leave-one-out Diag++ (Epperly–Tropp–Webber 2024)    ``m``
-:func:`lanczos_eigsh`          Lanczos with full reorthogonalisation, Ritz pairs                ``≤ iters``
-:func:`power_iteration`        ``v ← Av/‖Av‖``, Rayleigh quotient                             ``≤ iters``
-:func:`spectral_density`       stochastic Lanczos quadrature, Gaussian-broadened               ``probes·steps``
-=============================  =============================================================  ==========
+Estimators:
+
+* :func:`hutchinson_trace`: ``tr A ≈ mean_j z_jᵀ A z_j`` with ``E[z zᵀ] = I`` (``m`` probes);
+* :func:`hutchpp_trace`: ``tr(QᵀAQ) + mean_j g_jᵀ(I−QQᵀ)A(I−QQᵀ)g_j``, ``Q = orth(AS)`` (Hutch++);
+* :func:`xtrace`: Hutch++ made exchangeable by leaving each probe out in turn (XTrace);
+* :func:`hutchinson_diagonal`: ``diag A ≈ mean_j z_j ∘ A z_j`` (Rademacher ``z``);
+* :func:`xdiag`: the exchangeable leave-one-out version of Diag++ (XDiag);
+* :func:`lanczos_eigsh`: ``k`` extreme eigenpairs by Lanczos with full reorthogonalisation;
+* :func:`power_iteration`: the eigenpair of largest magnitude;
+* :func:`spectral_density`: stochastic Lanczos quadrature, Gaussian-broadened, and
+  :func:`plot_spectral_density` to write it as a PNG.
 """
 from __future__ import annotations
 
