@@ -24,6 +24,8 @@ forward_ad                 1..2      ``torch.autograd.forward_ad`` dual: q_1, an
 vmap_<mode>                as above  ``torch.func.vmap`` over a batch of directions
                                      (reverse, forward, forward_over_reverse,
                                      reverse_over_forward)
+forward_of_vmap            1..K      nested jvp of ``vmap(op)`` (the op inside vmap, under
+reverse_of_vmap            1..K      forward / reverse levels), resp. nested grad
 jacrev, jacfwd             1..2      full Jacobian of f contracted with w (1); ``jac(jac(s))·v`` (2)
 hessian                    2         ``torch.func.hessian(s)·v``
 gradcheck, gradgradcheck   1, 2      on the op, float64 inputs only (forward AD and
@@ -68,6 +70,8 @@ MODES: Dict[str, str] = {
     "vmap_forward": "1..K",
     "vmap_forward_over_reverse": "2..K",
     "vmap_reverse_over_forward": "2..K",
+    "forward_of_vmap": "1..K",
+    "reverse_of_vmap": "1..K",
     "jacrev": "1..2",
     "jacfwd": "1..2",
     "hessian": "2",
@@ -262,6 +266,8 @@ _SCALAR_MODES: Dict[str, Callable[[Scalar, Tensors, Tensors, int], Dict[int, Ten
     "vmap_forward": _vmapped(_forward),
     "vmap_forward_over_reverse": _vmapped(_forward_over_reverse),
     "vmap_reverse_over_forward": _vmapped(_reverse_over_forward),
+    "forward_of_vmap": _forward,
+    "reverse_of_vmap": _reverse,
 }
 
 
@@ -437,7 +443,11 @@ def check_op(
     def scalar(f: Callable[..., Tensors], w: Tuple) -> Scalar:
         return lambda *x: _dot(f(*x), w)
 
-    s_op, s_ref = scalar(f_op, ws), scalar(f_ref, ws64)
+    def f_vmap(*x: Tensor) -> Tensors:  # the op run inside vmap (batch of one)
+        out = torch.func.vmap(f_op)(*(xi.unsqueeze(0) for xi in x))
+        return tuple(o.squeeze(0) for o in out)
+
+    s_op, s_ref, s_vmap = scalar(f_op, ws), scalar(f_ref, ws64), scalar(f_vmap, ws)
     K = order
     if K > 0:
         # trusted reference: reverse-over-reverse of the reference, float64, for every direction
@@ -462,12 +472,12 @@ def check_op(
                 if K_mode < 2:
                     continue
             try:
-                got = run(s_op, xs, V if batched else vs, K_mode)
+                got = run(s_vmap if mode.endswith("_of_vmap") else s_op, xs, V if batched else vs, K_mode)
             except Exception as exc:
                 rows.append(_error_row(mode, int(MODES[mode][0]), exc))
                 continue
             for k in sorted(got):
-                kind = "q" if mode in ("forward", "vmap_forward") or (mode == "forward_ad" and k == 1) else "g"
+                kind = "q" if mode in ("forward", "vmap_forward", "forward_of_vmap") or (mode == "forward_ad" and k == 1) else "g"
                 rows.append(_compare(mode, k, got[k], expected(k, kind, batched), rtol, atol))
 
         for mode in ("jacrev", "jacfwd", "hessian"):
