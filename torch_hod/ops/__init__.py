@@ -27,3 +27,8 @@ from torch_hod.ops.elementwise import (
     sqrt,
     tanh,
 )
+from torch_hod.ops.linear import bmm, linear, matmul
+from torch_hod.ops.mse import mse_loss
+from torch_hod.ops.softmax import log_softmax, logsumexp, softmax
+from torch_hod.ops.cross_entropy import cross_entropy
+from torch_hod.ops.normalization import batch_norm, layer_norm, rms_norm
