@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import torch_hod
 from torch_hod.curvature.operators import (
@@ -215,6 +215,11 @@ def test_rejects_bad_inputs():
     ds = TensorDataset(X, y)
     with pytest.raises(ValueError, match="shuffles .*RandomSampler.*same batches"):
         HessianOperator(model, loss_fn, DataLoader(ds, batch_size=4, shuffle=True))
+    shard = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True)
+    with pytest.raises(ValueError, match="shuffles \\(DistributedSampler\\)"):
+        HessianOperator(model, loss_fn, DataLoader(ds, batch_size=4, sampler=shard))
+    shard = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=False)
+    assert HessianOperator(model, loss_fn, DataLoader(ds, batch_size=4, sampler=shard)).num_data == 7
     with pytest.raises(TypeError, match="consumed only once"):
         HessianOperator(model, loss_fn, ((X[i:i + 4], y[i:i + 4]) for i in range(0, 13, 4)))
     with pytest.raises(TypeError, match="consumed only once"):
