@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,17 @@ def _group(table: str, model: str, case: str, methods: Dict[str, Callable[[], to
     return rows
 
 
-def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32, memory: bool = True) -> List[Dict[str, Any]]:
-    """All three tables as one list of rows (see the module docstring)."""
+TABLES = ("directional", "laplacian", "biharmonic")
+
+
+def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32, memory: bool = True,
+        tables: Sequence[str] = TABLES, models: Sequence[str] = ("tanh", "gelu+layernorm")) -> List[Dict[str, Any]]:
+    """The chosen tables (default: all three) as one list of rows (see the module docstring)."""
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise ValueError(f"bench_taylor.run: unknown tables {sorted(unknown)}; expected a subset of {TABLES}")
+    if set(models) - {"tanh", "gelu+layernorm"}:
+        raise ValueError(f"bench_taylor.run: unknown models {sorted(set(models) - {'tanh', 'gelu+layernorm'})}; expected tanh, gelu+layernorm")
     width, N = (32, 8) if quick else (256, 256)
     orders = range(1, 5) if quick else range(1, 9)
     lap_dims = (4, 6) if quick else (16, 50)
@@ -116,17 +125,17 @@ def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.flo
     repeats = 3 if quick else 5
     g = torch.Generator().manual_seed(1)
     rows: List[Dict[str, Any]] = []
-    for kind in ("tanh", "gelu+layernorm"):
+    for kind in models:
         D = lap_dims[0]
         f, f_ref = make_mlp(kind, D, width, device, dtype)
         x = torch.randn(N, D, generator=g).to(device, dtype)
         v = torch.randn(N, D, generator=g).to(device, dtype)
-        for K in orders:
+        for K in orders if "directional" in tables else ():
             rows += _group("directional", kind, f"K={K}", {
                 "jet": lambda K=K: derivatives(f, x, v, K)[-1],
                 "nested jvp": lambda K=K: _nested_jvp(f_ref, x, v, K),
             }, device, repeats, memory)
-        for D in lap_dims:
+        for D in lap_dims if "laplacian" in tables else ():
             f, f_ref = make_mlp(kind, D, width, device, dtype)
             x = torch.randn(N, D, generator=g).to(device, dtype)
             rows += _group("laplacian", kind, f"D={D}", {
@@ -135,6 +144,8 @@ def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.flo
                 "vmap(hessian)+trace": lambda: _laplacian_hessian(f_ref, x),
                 "D HVPs vmap(jvp(grad))": lambda: _laplacian_hvps(f_ref, x),
             }, device, repeats, memory)
+        if "biharmonic" not in tables:
+            continue
         f, f_ref = make_mlp(kind, bih_dim, width, device, dtype)
         x = torch.randn(N, bih_dim, generator=g).to(device, dtype)
         rows += _group("biharmonic", kind, f"D={bih_dim}", {
@@ -157,8 +168,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--tables", default=",".join(TABLES), help="comma-separated subset of " + ",".join(TABLES))
+    parser.add_argument("--models", default="tanh,gelu+layernorm", help="comma-separated subset of tanh,gelu+layernorm")
     args = parser.parse_args()
-    rows = run(args.quick, args.device, getattr(torch, args.dtype), not args.no_memory)
+    rows = run(args.quick, args.device, getattr(torch, args.dtype), not args.no_memory,
+               args.tables.split(","), args.models.split(","))
     print(report(rows, args.device, args.quick))
 
 

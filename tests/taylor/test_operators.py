@@ -343,5 +343,34 @@ def test_errors():
         laplacian(model, x, batch_dims=1, weighting=torch.randn(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="must keep the batch dims"):
         laplacian(lambda z: model(z).sum(0), torch.randn(4, 3, dtype=torch.float64), batch_dims=1)
+    with pytest.raises(TypeError, match="func must return one Tensor"):
+        laplacian(lambda z: (model(z), model(z)), x, batch_dims=1)
+    with pytest.raises(TypeError, match="func must return one Tensor"):
+        derivatives(lambda z: [model(z)], x, x, 0)
     with pytest.raises(TypeError, match="generator"):
         laplacian(model, x, randomization=True, generator="seed")
+
+
+# --------------------------------------------------------------------------- pass structure
+def test_passes_are_collapsed_and_spend_no_direction_on_the_batch(monkeypatch):
+    import torch_hod.taylor.operators as operators
+
+    calls = []
+
+    def spy(func, primals, series, *, collapse=False):
+        calls.append((collapse, [tuple(c.shape) for c in series[0]]))
+        return real(func, primals, series, collapse=collapse)
+
+    real = operators.jet
+    monkeypatch.setattr(operators, "jet", spy)
+    model, _ = make_model("tanh", 5, out=1)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    laplacian(model, x, batch_dims=1)
+    assert calls == [(True, [(5, 7, 5), (7, 5)])]  # one 2-jet, R = D = 5 directions, top collapsed
+    calls.clear()
+    bilaplacian(model, x, batch_dims=1)  # D = 5: weights of both signs -> two collapsed 4-jets
+    assert [c[0] for c in calls] == [True, True]
+    assert sorted(c[1][0][0] for c in calls) == [5, 20] and all(c[1][-1] == (7, 5) for c in calls)
+    calls.clear()
+    laplacian(model, x, batch_dims=1, randomization=True, num_samples=3, generator=0)
+    assert calls == [(True, [(3, 7, 5), (7, 5)])]

@@ -82,6 +82,12 @@ def _check_output(y: Tensor, x: Tensor, batch_dims: int, op: str) -> Tensor:
     return y
 
 
+def _tensor_output(y: object, op: str) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"torch_hod.taylor.{op}: func must return one Tensor, got {type(y).__name__}")
+    return y
+
+
 def _generator(seed: Seed, device: torch.device) -> Optional[torch.Generator]:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
@@ -114,6 +120,7 @@ def _directional_sum(
             weights = None
         zero = dirs.new_zeros(()).expand(dirs.shape)
         _, ys = jet(func, (x,), ([dirs] + [zero] * (K - 1),))
+        _tensor_output(ys[-1], "operators")
         if weights is None:
             return ys[-1].sum(0)
         w = torch.tensor([float(c) for c in weights], dtype=ys[-1].dtype, device=ys[-1].device)
@@ -136,7 +143,7 @@ def _directional_sum(
     for sign, d in groups:
         zero = d.new_zeros(()).expand(d.shape)
         _, ys = jet(func, (x,), ([d] + [zero] * (K - 2) + [torch.zeros_like(x)],), collapse=True)
-        part = ys[-1] if sign > 0 else -ys[-1]
+        part = _tensor_output(ys[-1], "operators") if sign > 0 else -ys[-1]
         total = part if total is None else total + part
     if total is None:  # every weight was zero
         return torch.zeros_like(func(x))
@@ -169,10 +176,10 @@ def derivatives(func: Func, x: Tensor, v: Tensor, order: int) -> List[Tensor]:
             f"torch_hod.taylor.derivatives: v must have x's shape {tuple(x.shape)} or (R, *x.shape), got {got}"
         )
     if order == 0:
-        return [func(x)]
-    zero = v.new_zeros(()).expand(v.shape)
-    y0, ys = jet(func, (x,), ([v.to(x.dtype)] + [zero] * (order - 1),))
-    return [y0, *ys]
+        return [_tensor_output(func(x), "derivatives")]
+    v = v.to(dtype=x.dtype, device=x.device)
+    y0, ys = jet(func, (x,), ([v] + [v.new_zeros(()).expand(v.shape)] * (order - 1),))
+    return [_tensor_output(y0, "derivatives"), *ys]
 
 
 def laplacian(
