@@ -26,6 +26,10 @@ vmap_<mode>                as above  ``torch.func.vmap`` over a batch of directi
                                      reverse_over_forward)
 forward_of_vmap            1..K      nested jvp of ``vmap(op)`` (the op inside vmap, under
 reverse_of_vmap            1..K      forward / reverse levels), resp. nested grad
+taylor                     0..K      ``torch_hod.taylor.jet`` with series ``[v, 0, ..., 0]`` → q_k
+taylor_directions          1..K      the same with a direction axis (R directions at once)
+taylor_collapsed           K         ``jet(collapse=True)``: Σ_r q_K over the R directions
+autograd_of_taylor         2..K      ``torch.autograd.grad`` of the jet's q_{k−1} → g_k
 jacrev, jacfwd             1..2      full Jacobian of f contracted with w (1); ``jac(jac(s))·v`` (2)
 hessian                    2         ``torch.func.hessian(s)·v``
 gradcheck, gradgradcheck   1, 2      on the op, float64 inputs only (forward AD and
@@ -72,6 +76,10 @@ MODES: Dict[str, str] = {
     "vmap_reverse_over_forward": "2..K",
     "forward_of_vmap": "1..K",
     "reverse_of_vmap": "1..K",
+    "taylor": "0..K",
+    "taylor_directions": "1..K",
+    "taylor_collapsed": "K (K >= 2)",
+    "autograd_of_taylor": "2..K",
     "jacrev": "1..2",
     "jacfwd": "1..2",
     "hessian": "2",
@@ -245,6 +253,33 @@ def _forward_ad(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensor
             )
     if out[1][0] is None:
         out[1] = (torch.zeros_like(h),)
+    return out
+
+
+def _taylor(f: Callable[..., Tensors], ws: Tuple, xs: Tensors, vs: Tensors, K: int, collapse: bool = False) -> Dict[int, Tensors]:
+    """q_1..q_K from ``jet(f, xs, [[v, 0, ..., 0]])`` (with a direction axis when ``vs`` has one)."""
+    from torch_hod.taylor import jet  # the Taylor engine sits above the ops; imported on use
+
+    series = [[v] + [torch.zeros_like(v)] * (K - 2) + [torch.zeros_like(x if collapse else v)] if K > 1 else [v]
+              for x, v in zip(xs, vs)]
+    y0, ys = jet(f, xs, series, collapse=collapse)
+    out = {0: tuple(y for y, w in zip(_as_tuple(y0), ws) if w is not None)}
+    for k, yk in enumerate(ys, start=1):
+        batched = vs[0].dim() > xs[0].dim() and not (collapse and k == K)
+        terms = [(w * y).reshape(y.shape[:1] + (-1,) if batched else (-1,)).sum(-1) for y, w in zip(_as_tuple(yk), ws) if w is not None]
+        out[k] = (torch.stack(terms).sum(0),)
+    return out
+
+
+def _autograd_of_taylor(f: Callable[..., Tensors], ws: Tuple, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
+    """g_2..g_K: ``torch.autograd.grad`` of the jet's q_1..q_{K-1} (training through Taylor mode)."""
+    leaves = tuple(x.detach().requires_grad_() for x in xs)
+    q = _taylor(f, ws, leaves, vs, K - 1)
+    out = {}
+    for k in range(2, K + 1):
+        h = q[k - 1][0]
+        g = torch.autograd.grad(h, leaves, retain_graph=True, allow_unused=True) if h.requires_grad else (None,) * len(xs)
+        out[k] = tuple(torch.zeros_like(x) if gi is None else gi for x, gi in zip(leaves, g))
     return out
 
 
@@ -479,6 +514,33 @@ def check_op(
             for k in sorted(got):
                 kind = "q" if mode in ("forward", "vmap_forward", "forward_of_vmap") or (mode == "forward_ad" and k == 1) else "g"
                 rows.append(_compare(mode, k, got[k], expected(k, kind, batched), rtol, atol))
+
+        taylor_modes = {
+            "taylor": lambda: _taylor(f_op, ws, xs, vs, K),
+            "taylor_directions": lambda: _taylor(f_op, ws, xs, V, K),
+            "taylor_collapsed": lambda: {K: _taylor(f_op, ws, xs, V, K, collapse=True)[K]},
+            "autograd_of_taylor": lambda: _autograd_of_taylor(f_op, ws, xs, vs, K),
+        }
+        for mode, run in taylor_modes.items():
+            if mode not in modes or (K < 2 and mode in ("taylor_collapsed", "autograd_of_taylor")):
+                continue
+            try:
+                got = run()
+            except Exception as exc:
+                rows.append(_error_row(mode, K if mode == "taylor_collapsed" else int(MODES[mode][0]), exc))
+                continue
+            for k in sorted(got):
+                if k == 0:  # the jet's value
+                    if mode != "taylor":
+                        continue
+                    want = tuple(y for y, w in zip(y_ref, ws) if w is not None)
+                elif mode == "autograd_of_taylor":
+                    want = ref[k]
+                elif mode == "taylor_collapsed":
+                    want = (expected(k, "q", True)[0].sum(0),)
+                else:
+                    want = expected(k, "q", mode == "taylor_directions")
+                rows.append(_compare(mode, k, got[k], want, rtol, atol))
 
         for mode in ("jacrev", "jacfwd", "hessian"):
             if mode in modes and (mode != "hessian" or K >= 2):
