@@ -152,7 +152,10 @@ def _rev_rev(f: Callable, primals: Tuple[Any, ...], tangents: Tuple[Any, ...], b
     xs = [p if p.requires_grad else p.detach().requires_grad_(True) for p in leaves]
     with torch.enable_grad():
         out, aux = f(*tree_unflatten(xs, spec))
-        grads = torch.autograd.grad(out, xs, create_graph=True, allow_unused=True)
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, xs, create_graph=True, allow_unused=True)
+        else:  # f does not depend on the primals: H = 0
+            grads = (None,) * len(xs)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         hv: List[Any] = [None] * len(xs)
         if live:

@@ -111,6 +111,9 @@ def test_dataloader_equals_list_and_linear_operator_interface():
     close(op.matmat(V), ref @ V)
     close(torch.as_tensor(op.to_scipy().matvec(v.numpy())), ref @ v)
     assert op.num_matvecs == 5 and op.num_data == 13
+    close(op.dense(chunk_size=7), ref)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        op.dense(chunk_size=0)
 
 
 def dense_ggn(model, loss_fn, X, y):

@@ -62,9 +62,16 @@ class LinearOperator:
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matvec(x) if isinstance(x, Tensor) and x.ndim == 1 else self.matmat(x)
 
-    def dense(self) -> Tensor:
-        """The ``(n, n)`` matrix (``n`` products; for small problems)."""
-        return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+    def dense(self, chunk_size: Optional[int] = None) -> Tensor:
+        """The ``(n, n)`` matrix (``n`` products; for small problems), ``chunk_size`` columns per
+        :meth:`matmat` (default: all at once; smaller chunks bound the memory of batched products)."""
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        if chunk_size is None or chunk_size >= n:
+            return self.matmat(eye)
+        if chunk_size < 1:
+            raise ValueError(f"{type(self).__name__}.dense: chunk_size must be a positive integer, got {chunk_size}")
+        return torch.cat([self.matmat(eye[:, j:j + chunk_size]) for j in range(0, n, chunk_size)], dim=1)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` over numpy float64 vectors."""
