@@ -16,11 +16,14 @@ Derivatives (g = ∂loss/∂ℓ per sample, p = softmax(z)):
     ∂/∂z_c = g · (s p_c − Q_c),   s = Σ_c Q_c;           ∂/∂q_c = −g (1 − ε) w_c log p_c.
 
 The loss is written as the linear map ``Σ_c Q_c (lse − z_c)`` of ``z`` around one nonlinear op,
-:func:`torch_hod.ops.logsumexp`, whose backward is ``ḡ · softmax(z)`` with ``softmax`` the torch_hod
-op that saves only ``p``. So the gradient is exactly ``g (s p − Q)`` and the Hessian-vector product
-``g s (p ⊙ v − p ⟨p, v⟩)`` materialises nothing beyond ``p``; index targets never build a one-hot
-``Q`` (a gather picks ``z_t``). Every order in every AD mode follows from the softmax-family
-Functions (the linear part is plain torch ops), and the Taylor rule is the same composition.
+:func:`torch_hod.ops.logsumexp`, whose backward ``ḡ ⊙ softmax(z)`` is one Function
+(:class:`~torch_hod.ops.softmax.ScaledSoftmaxFunction`) that recomputes ``softmax(z)`` rather than
+keeping it. So the gradient is exactly ``g (s p − Q)`` and a Hessian-vector product
+``g s (p ⊙ v − p ⟨p, v⟩)`` holds the gradient plus at most two logits-sized temporaries: measured
+3.0× the logits' bytes against 7.0× for ``F.cross_entropy`` (see tests/ops/test_cross_entropy.py).
+Index targets never build a one-hot ``Q`` (a gather picks ``z_t``). Every order in every AD mode
+follows from the softmax-family Functions (the rest is plain torch ops), and the Taylor rule is the
+same composition evaluated on Jets.
 """
 from __future__ import annotations
 

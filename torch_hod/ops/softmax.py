@@ -98,15 +98,24 @@ def _unsqueeze(y: Tensor, dims: Dims) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # the Functions
 # --------------------------------------------------------------------------------------------------
-def _saved(ctx: Any) -> Tuple[Tensor, ...]:
-    """:func:`saved_primals`, keeping a saved tensor that vmap has batched as it is.
+def _primal(t: Tensor) -> Tensor:
+    """``t`` without the current forward-AD level's tangent, also inside vmap's batched tensors.
 
-    ATen has no batching rule for ``_unpack_dual``: a tangent rule that reads a saved *cotangent*
-    (batched by ``jacrev``/``hessian``) would fail there. Such a tensor belongs to functorch's own
-    levels, which never hand a Function a dual of the current level, so it needs no unpacking.
+    ATen has no batching rule for ``_unpack_dual``, so a batched tensor is unwrapped level by level,
+    unpacked, and wrapped again (needed where a saved tensor is batched and carries a tangent, e.g.
+    a cotangent saved under ``hessian`` or any saved tensor under ``jvp(vmap(op))``).
     """
-    is_batched = torch._C._functorch.is_batchedtensor
-    return tuple(t if is_batched(t) else unpack_dual(t).primal for t in ctx.saved_tensors)
+    F = torch._C._functorch
+    if F.is_batchedtensor(t):
+        level = F.maybe_get_level(t)
+        inner, bdim = F._unwrap_batched(t, level)
+        return F._add_batch_dim(_primal(inner), bdim, level)
+    return unpack_dual(t).primal
+
+
+def _saved(ctx: Any) -> Tuple[Tensor, ...]:
+    """:func:`saved_primals` that also works on tensors batched by vmap (see :func:`_primal`)."""
+    return tuple(_primal(t) for t in ctx.saved_tensors)
 
 
 def _softmax_vjp(v: Tensor, p: Tensor, dims: Dims) -> Tensor:
@@ -138,7 +147,7 @@ class SoftmaxFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
-        (p,) = saved_primals(ctx)
+        (p,) = _saved(ctx)
         return _softmax_vjp(x_dot, p, ctx.dims)
 
 
@@ -199,7 +208,7 @@ class LogSoftmaxFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, _: Any) -> Tensor:
-        (y,) = saved_primals(ctx)
+        (y,) = _saved(ctx)
         return x_dot - (torch.exp(y) * x_dot).sum(ctx.dim, keepdim=True)
 
 
@@ -227,22 +236,19 @@ class LogsumexpFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
-        (x,) = saved_primals(ctx)
+        (x,) = _saved(ctx)
         return (x_dot * SoftmaxFunction.apply(x, *ctx.dims)).sum(ctx.dims, keepdim=ctx.keepdim)
 
 
 # --------------------------------------------------------------------------------------------------
 # Taylor rules (compositions the jet transform propagates; ``x`` is a Jet)
 # --------------------------------------------------------------------------------------------------
-def _primal(x: Any) -> Tensor:
-    """The value (order-0 coefficient) of a Jet, or ``x`` itself for a plain tensor."""
-    return getattr(x, "primal", x)
-
-
 def _logsumexp_rule(input: Any, dim: Union[int, Sequence[int]], keepdim: bool = False) -> Any:
     """``c + log Σ exp(x − c)``: exact for any constant ``c``; the primal max keeps it stable."""
     dims = canonical_dims(input, dim, "logsumexp")
-    c = _primal(input).detach().amax(dims, keepdim=True)
+    from torch_hod.taylor.engine import value  # the jet engine; imported late (it imports the ops)
+
+    c = value(input).amax(dims, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     y = torch.log(torch.exp(input - c).sum(dims, keepdim=True)) + c
     return y if keepdim else y.squeeze(dims)
