@@ -37,12 +37,15 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.forward_ad import unpack_dual
 
 from torch_hod.ops.function import HigherOrderFunction, public_op, require_floats, saved_primals
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm"]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,32 @@ def _normalize_jacobian(norm: _Norm, g: Tensor, xhat: Tensor, r: Tensor) -> Tens
     return r * out
 
 
+def _records_nothing(*tensors: Optional[Tensor]) -> bool:
+    """True when a backward's result will not be differentiated: grad mode is off (no
+    ``create_graph``) and no tensor carries a forward-mode tangent. Only then may it use ATen's
+    fused kernels, whose own derivatives are incomplete (no forward AD, wrong forward-over-forward)."""
+    return not torch.is_grad_enabled() and all(t is None or unpack_dual(t).tangent is None for t in tensors)
+
+
+def _fused_backward(norm: _Norm, gy: Tensor, x: Tensor, weight: Optional[Tensor], rm: Optional[Tensor],
+                    rv: Optional[Tensor], need: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(x̄, γ̄)`` by ATen's fused first-order kernels (statistics recomputed in one pass).
+    layer_norm and batch_norm only: ATen's rms_norm backward has no CPU kernel (torch's own CPU
+    rms_norm backward is a composite, like ours)."""
+    if norm.kind == "layer":
+        var, mean = torch.var_mean(x, norm.dims(x), correction=0, keepdim=True)
+        gx, gw, _ = aten.native_layer_norm_backward(gy, x, norm.shape, mean, torch.rsqrt(var + norm.eps), weight,
+                                                    None, [*need, False])
+    elif norm.training:
+        mean, var = aten.batch_norm_update_stats(x, None, None, 0.0)
+        gx, gw, _ = aten.native_batch_norm_backward(gy, x, weight, None, None, mean, torch.rsqrt(var + norm.eps),
+                                                    True, norm.eps, [*need, False])
+    else:
+        gx, gw, _ = aten.native_batch_norm_backward(gy, x, weight, rm, rv, None, None, False, norm.eps,
+                                                    [*need, False])
+    return gx, gw
+
+
 class NormalizeFunction(HigherOrderFunction):
     """``y = N(x) ⊙ γ + β`` for a :class:`_Norm`; the running stats (eval) are constants."""
 
@@ -121,16 +150,17 @@ class NormalizeFunction(HigherOrderFunction):
     def backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight, rm, rv = ctx.saved_tensors
         norm: _Norm = ctx.norm
-        xhat, r = _statistics(norm, x, rm, rv)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = gb = None
+        gb = norm.sum_to_param(gy) if need_b else None
+        if norm.kind != "rms" and _records_nothing(gy, x, weight):
+            return (*_fused_backward(norm, gy, x, weight, rm, rv, (need_x, need_w)), gb, None, None, None)
+        xhat, r = _statistics(norm, x, rm, rv)
+        gx = gw = None
         if need_x:
             g = gy if weight is None else gy * norm.param_view(weight, x)
             gx = _normalize_jacobian(norm, g, xhat, r)
         if need_w:
             gw = norm.sum_to_param(gy * xhat)
-        if need_b:
-            gb = norm.sum_to_param(gy)
         return gx, gw, gb, None, None, None
 
     @staticmethod
@@ -253,19 +283,14 @@ def _rms_norm_composite(input: Any, normalized_shape: ShapeLike, weight: Optiona
     return _affine(input * r, weight, None)
 
 
-def _update_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float,
-                          dims: Tuple[int, ...]) -> None:
+def _update_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float) -> None:
     """``running ← (1 − m) running + m batch`` in place, unbiased variance, no autograd history.
 
     ``x`` may be a Taylor-mode Jet (from the Taylor rule): the update uses its primal value."""
     from torch_hod.taylor.engine import value  # imported late: the engine is not needed otherwise
 
     with torch.no_grad():
-        x = value(x)
-        n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x, dims, correction=0)
-        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
+        aten.batch_norm_update_stats(value(x), running_mean, running_var, momentum)
 
 
 def _batch_norm_composite(input: Any, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -278,7 +303,7 @@ def _batch_norm_composite(input: Any, running_mean: Optional[Tensor], running_va
         c = input - input.mean(dims, keepdim=True)
         r = torch.rsqrt((c * c).mean(dims, keepdim=True) + norm.eps)
         if running_mean is not None:
-            _update_running_stats(input, running_mean, running_var, momentum, dims)
+            _update_running_stats(input, running_mean, running_var, momentum)
     else:
         c = input - norm.param_view(running_mean, input)
         r = torch.rsqrt(norm.param_view(running_var, input) + norm.eps)
@@ -330,6 +355,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     norm = _batch_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
         if running_mean is not None:
-            _update_running_stats(input, running_mean, running_var, momentum, norm.dims(input))
+            _update_running_stats(input, running_mean, running_var, momentum)
         return NormalizeFunction.apply(input, weight, bias, None, None, norm)
     return NormalizeFunction.apply(input, weight, bias, running_mean, running_var, norm)
