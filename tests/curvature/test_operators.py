@@ -254,3 +254,17 @@ def test_functional_loss_with_explicit_reduction():
     model, loss_fn, X, y = setup("ce")
     op = HessianOperator(model, torch.nn.functional.cross_entropy, unequal(X, y), reduction="mean")
     close(op.dense(), dense_hessian(model, loss_fn, X, y))
+
+
+def test_converted_model_gives_the_same_operators():
+    """A model converted to torch_hod modules (shared parameters) has the same curvature."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    converted = torch_hod.nn.convert(copy.deepcopy(plain))
+    assert type(converted[0]) is not nn.Linear and type(converted[1]) is not nn.Tanh
+    _, loss_fn, X, y = setup("ce")
+    for op_cls in (HessianOperator, GGNOperator, EmpiricalFisherOperator):
+        close(op_cls(converted, loss_fn, unequal(X, y)).dense(), op_cls(plain, loss_fn, unequal(X, y)).dense())
+    close(HessianOperator(converted, loss_fn, unequal(X, y)).dense(), dense_hessian(plain, loss_fn, X, y))
