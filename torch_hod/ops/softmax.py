@@ -28,7 +28,6 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.forward_ad import unpack_dual
 
 from torch_hod.ops.function import HigherOrderFunction, public_op, require_float, saved_primals
 
@@ -98,26 +97,6 @@ def _unsqueeze(y: Tensor, dims: Dims) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # the Functions
 # --------------------------------------------------------------------------------------------------
-def _primal(t: Tensor) -> Tensor:
-    """``t`` without the current forward-AD level's tangent, also inside vmap's batched tensors.
-
-    ATen has no batching rule for ``_unpack_dual``, so a batched tensor is unwrapped level by level,
-    unpacked, and wrapped again (needed where a saved tensor is batched and carries a tangent, e.g.
-    a cotangent saved under ``hessian`` or any saved tensor under ``jvp(vmap(op))``).
-    """
-    F = torch._C._functorch
-    if F.is_batchedtensor(t):
-        level = F.maybe_get_level(t)
-        inner, bdim = F._unwrap_batched(t, level)
-        return F._add_batch_dim(_primal(inner), bdim, level)
-    return unpack_dual(t).primal
-
-
-def _saved(ctx: Any) -> Tuple[Tensor, ...]:
-    """:func:`saved_primals` that also works on tensors batched by vmap (see :func:`_primal`)."""
-    return tuple(_primal(t) for t in ctx.saved_tensors)
-
-
 def _softmax_vjp(v: Tensor, p: Tensor, dims: Dims) -> Tensor:
     """``p ⊙ (v − ⟨v, p⟩)``: the (symmetric) softmax Jacobian applied to ``v``."""
     if len(dims) == 1 and p.dim() > 0:
@@ -147,7 +126,7 @@ class SoftmaxFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
-        (p,) = _saved(ctx)
+        (p,) = saved_primals(ctx)
         return _softmax_vjp(x_dot, p, ctx.dims)
 
 
@@ -182,7 +161,7 @@ class ScaledSoftmaxFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, c_dot: Optional[Tensor], *_: Any) -> Tensor:
-        x, c = _saved(ctx)
+        x, c = saved_primals(ctx)
         p = SoftmaxFunction.apply(x, *ctx.dims)
         y_dot = _softmax_vjp(x_dot, p, ctx.dims) * c
         return y_dot if c_dot is None else y_dot + c_dot * p
@@ -208,7 +187,7 @@ class LogSoftmaxFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, _: Any) -> Tensor:
-        (y,) = _saved(ctx)
+        (y,) = saved_primals(ctx)
         return x_dot - (torch.exp(y) * x_dot).sum(ctx.dim, keepdim=True)
 
 
@@ -236,7 +215,7 @@ class LogsumexpFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, x_dot: Tensor, *_: Any) -> Tensor:
-        (x,) = _saved(ctx)
+        (x,) = saved_primals(ctx)
         return (x_dot * SoftmaxFunction.apply(x, *ctx.dims)).sum(ctx.dims, keepdim=ctx.keepdim)
 
 
