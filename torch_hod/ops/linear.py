@@ -189,7 +189,9 @@ class BmmFunction(MatmulFunction):
 
 def _linear_taylor(input: Any, weight: Any, bias: Any = None) -> Any:
     _check_linear(input, weight, bias)
-    return F.linear(input, weight, bias)
+    # the bias is added separately: the engine's F.linear rule assumes a Jet input when the bias is one
+    y = F.linear(input, weight)
+    return y if bias is None else y + bias
 
 
 def _matmul_taylor(input: Any, other: Any) -> Any:
