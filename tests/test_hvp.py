@@ -1,7 +1,6 @@
 """Hessian-vector products: every mode against dense float64 Hessians built independently."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils._pytree import tree_map
