@@ -15,7 +15,8 @@ disabled, so the ops inside it are invisible to an *outer* forward level and ``j
 ``tangent`` with forward AD re-enabled, and :func:`saved_primals` strips the current level's
 tangent from saved tensors (plain ``torch.autograd.forward_ad`` would otherwise see a tangent of a
 tangent at one level). The private ``_set_fwd_grad_enabled`` is what torch.func itself uses for
-this; ``tests/ops/test_function.py`` pins the behaviour so a torch upgrade that breaks it fails CI.
+this, and ``_primal`` uses functorch's private batching helpers under ``jvp(vmap(op))``;
+``tests/ops/test_function.py`` pins the behaviour so a torch upgrade that breaks it fails CI.
 
 Every public op goes through :func:`public_op`, which (i) makes the op visible to
 ``__torch_function__`` subclasses (the Taylor-mode ``Jet`` sees ``torch_hod.ops.tanh`` as one call
@@ -29,6 +30,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._C._functorch import _add_batch_dim, _unwrap_batched, is_batchedtensor, maybe_get_level
 from torch.autograd.forward_ad import _set_fwd_grad_enabled, unpack_dual
 from torch.overrides import handle_torch_function, has_torch_function
 
@@ -70,9 +72,22 @@ class HigherOrderFunction(torch.autograd.Function):
         raise NotImplementedError
 
 
+def _primal(t: Tensor) -> Tensor:
+    """``t`` without its tangent at the current ``forward_ad`` level.
+
+    Under ``jvp(vmap(op))`` a saved tensor is a vmap ``BatchedTensor`` around a dual tensor, and
+    ATen's ``_unpack_dual`` has no batching rule: unwrap the batch dimension, strip, re-wrap.
+    """
+    if is_batchedtensor(t):
+        level = maybe_get_level(t)
+        inner, batch_dim = _unwrap_batched(t, level)
+        return _add_batch_dim(_primal(inner), batch_dim, level)
+    return unpack_dual(t).primal
+
+
 def saved_primals(ctx: Any) -> Tuple[Tensor, ...]:
     """``ctx.saved_tensors`` without the tangent of the current ``forward_ad`` level."""
-    return tuple(unpack_dual(t).primal if isinstance(t, Tensor) else t for t in ctx.saved_tensors)
+    return tuple(_primal(t) if isinstance(t, Tensor) else t for t in ctx.saved_tensors)
 
 
 def _tensor_args(args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Tensor, ...]:
