@@ -153,21 +153,26 @@ def _walk(nodes) -> Iterator:
         yield from _walk(node.children)
 
 
-def hvp_peak_bytes(loss: Callable, n: int, c: int, dtype=torch.float32) -> int:
-    """Peak bytes held by the CPU allocator during ``g = ∇L(z)`` (create_graph) and ``∇⟨g, v⟩``.
+def hvp_peak_bytes(loss: Callable, n: int, c: int, dtype=torch.float32, mode: str = "double_backward", **kwargs) -> int:
+    """Peak bytes held by the CPU allocator during one Hessian-vector product w.r.t. the logits.
 
-    Method: torch.profiler(profile_memory=True) records every allocation and free of the CPU
-    allocator; the running sum of their sizes in time order, maximised, is the peak above what was
-    allocated before (the logits ``z``, the direction ``v`` and the targets exist already).
+    ``mode``: ``double_backward`` (``g = ∇L(z)`` with create_graph, then ``∇⟨g, v⟩``) or
+    ``jvp_grad`` (``torch.func.jvp(torch.func.grad(L), (z,), (v,))``). Method: torch.profiler
+    (profile_memory=True) records every allocation and free of the CPU allocator; the running sum of
+    their sizes in time order, maximised, is the peak above what existed before (the logits ``z``,
+    the direction ``v`` and the class-index targets).
     """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     z, v, t = torch.randn(n, c, dtype=dtype), torch.randn(n, c, dtype=dtype), torch.randint(0, c, (n,))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        z = z.requires_grad_()
-        (g,) = torch.autograd.grad(loss(z, t), z, create_graph=True)
-        (h,) = torch.autograd.grad(g, z, v)
+        if mode == "double_backward":
+            z = z.requires_grad_()
+            (g,) = torch.autograd.grad(loss(z, t, **kwargs), z, create_graph=True)
+            (h,) = torch.autograd.grad(g, z, v)
+        else:
+            g, h = torch.func.jvp(torch.func.grad(lambda z: loss(z, t, **kwargs)), (z,), (v,))
         del g, h
     events = prof.profiler.kineto_results.experimental_event_tree()
     sizes = sorted((e.start_time_ns, e.extra_fields.alloc_size) for e in _walk(events) if e.tag == _EventType.Allocation)
@@ -188,6 +193,9 @@ def test_hvp_peak_memory_at_most_half_of_builtin():
 if __name__ == "__main__":
     n, c = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 1024)
     logits = n * c * 4
-    for name, fn in [("torch_hod.ops.cross_entropy", cross_entropy), ("F.cross_entropy", F.cross_entropy)]:
-        peak = hvp_peak_bytes(fn, n, c)
-        print(f"{name:28s} HVP peak {peak / 2**20:8.1f} MiB = {peak / logits:.2f} x logits ({n}x{c} float32)")
+    for mode in ("double_backward", "jvp_grad"):
+        for kwargs in ({}, {"label_smoothing": 0.1, "weight": torch.rand(c)}):
+            for name, fn in [("torch_hod.ops.cross_entropy", cross_entropy), ("F.cross_entropy", F.cross_entropy)]:
+                peak = hvp_peak_bytes(fn, n, c, mode=mode, **kwargs)
+                print(f"{mode:16s} {'smoothing+weight' if kwargs else 'plain':16s} {name:28s} HVP peak "
+                      f"{peak / 2**20:8.1f} MiB = {peak / logits:.2f} x logits ({n}x{c} float32)")
