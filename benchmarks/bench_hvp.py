@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from torch_hod.benchmark import machine_description, markdown_table, measure_time, peak_memory
+from torch_hod.benchmark import machine_description, markdown_table, peak_memory
 from torch_hod.hvp import hvp
 
 try:  # the lead's converter; the "converted" column is skipped while it does not exist
@@ -167,11 +168,25 @@ def mlp_hvp_flops(model: nn.Sequential, batch: int) -> float:
     return 4 * forward + 5 * input_backward
 
 
+def interleaved_times(fns: Dict[str, Callable[[], Any]], repeats: int, device: str) -> Dict[str, List[float]]:
+    """Wall times of each callable, measured in rounds (one call of each per round) so that every
+    method sees the same machine load: on a shared machine, sequential timing blocks drift."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def run(quick: bool = False, device: str = "cpu") -> List[Dict[str, Any]]:
-    """One row per (problem, variant, method): median time, peak memory, ratios to one gradient,
-    rel_err against the double backward; then, for the MLP, one row per variant with the fastest
-    HVP's ``peak_fraction`` of the matmul peak (:func:`peak_fraction`)."""
-    repeats, warmup = (3, 1) if quick else (7, 2)
+    """One row per (problem, variant, method): median and best time over interleaved rounds, peak
+    memory, ratios to one gradient (medians), rel_err against the double backward; then, for the
+    MLP, one row per variant with the fastest HVP's ``peak_fraction`` (:func:`peak_fraction`)."""
+    repeats = 3 if quick else 9
     rows: List[Dict[str, Any]] = []
     peaks: List[Dict[str, Any]] = []
     for name, model, X, y in problems(quick, device):
@@ -184,44 +199,42 @@ def run(quick: bool = False, device: str = "cpu") -> List[Dict[str, Any]]:
             except Exception as err:  # e.g. a converted model using an op that is not written yet
                 rows.append({"problem": name, "variant": variant, "method": "(all)", "error": _describe(err)})
                 continue
-            base_time = base_mem = None
-            for method, fn in table.items():
-                row: Dict[str, Any] = {"problem": name, "variant": variant, "method": method}
+            found: Dict[str, Dict[str, Any]] = {}
+            for method, fn in table.items():  # first call: result check and warm-up; then memory
+                row = found[method] = {"problem": name, "variant": variant, "method": method}
                 try:
                     result = fn()
-                    t = measure_time(fn, repeats=repeats, warmup=warmup, device=device)
-                    mem = peak_memory(fn, device=device)
+                    fn()
+                    row["peak_MB"] = peak_memory(fn, device=device) / 2**20
                 except Exception as err:  # a method that cannot run this model is reported, not fatal
                     row["error"] = _describe(err)
-                    rows.append(row)
                     continue
-                if method == "gradient":
-                    base_time, base_mem = t.median, max(mem, 1)
-                else:
+                if method != "gradient":
                     ref = _flat(reference)
                     row["rel_err"] = float((_flat(result) - ref).abs().max() / ref.abs().max())
-                row.update(time_ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, time_ratio=t.median / base_time,
-                           peak_MB=mem / 2**20, mem_ratio=mem / base_mem)
-                row["_fn"] = fn
-                rows.append(row)
+            ok = {k: fn for k, fn in table.items() if "error" not in found[k]}
+            times = interleaved_times(ok, repeats, device)
+            base = found["gradient"]
+            base_time, base_mem = statistics.median(times["gradient"]), max(base["peak_MB"], 1e-9)
+            for method, ts in times.items():
+                med = statistics.median(ts)
+                found[method].update(time_ms=med * 1e3, best_ms=min(ts) * 1e3, time_ratio=med / base_time,
+                                     mem_ratio=found[method]["peak_MB"] / base_mem)
+            rows += found.values()
             if name == "mlp":  # fraction of matmul peak for the fastest HVP of this variant
-                hvps = [r for r in rows if r["problem"] == name and r["variant"] == variant
-                        and r["method"] != "gradient" and "time_ms" in r]
-                best = min(hvps, key=lambda r: r["time_ms"])
-                peaks.append({"problem": name, "variant": variant, "method": best["method"],
-                              **peak_fraction(best["_fn"], mlp_hvp_flops(m, X.shape[0]), device, quick)})
-    for row in rows:
-        row.pop("_fn", None)
+                best = min((k for k in times if k != "gradient"), key=lambda k: found[k]["time_ms"])
+                peaks.append({"problem": name, "variant": variant, "method": best,
+                              **peak_fraction(ok[best], mlp_hvp_flops(m, X.shape[0]), device, quick)})
     return rows + peaks
 
 
 def report(rows: List[Dict[str, Any]], device: str = "cpu") -> str:
-    cols = ["problem", "variant", "method", "time_ms", "time_ratio", "peak_MB", "mem_ratio", "rel_err", "error"]
+    cols = ["problem", "variant", "method", "time_ms", "best_ms", "time_ratio", "peak_MB", "mem_ratio", "rel_err", "error"]
     timings = [r for r in rows if "peak_fraction" not in r]
     peaks = [r for r in rows if "peak_fraction" in r]
     text = [f"## HVP vs one gradient ({machine_description(device)})", "",
-            "Ratios are to one gradient of the same model in the same run (median times; peak memory "
-            "allocated during the call); rel_err is the max error against the autograd double backward, "
+            "Ratios are to one gradient of the same model in the same run (median of interleaved rounds; "
+            "peak memory allocated during the call); rel_err is the max error against the autograd double backward, "
             "relative to its largest entry.", "", markdown_table(timings, cols)]
     if peaks:
         text += ["", "MLP: fraction of matmul peak reached by the fastest HVP (HVP FLOPs = 4·forward + "
