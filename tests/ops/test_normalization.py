@@ -311,3 +311,30 @@ def test_first_order_matches_builtin(name, affine):
         torch.testing.assert_close(ours[i], theirs[0][i], rtol=1e-10, atol=1e-12)
         for r in range(2):
             torch.testing.assert_close(batched[i][r], theirs[r][i], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["grad", "grad∘grad", "jvp", "hessian"])
+def test_batch_norm_running_stats_under_torch_func(transform):
+    """torch.func transforms see the running stats updated once, from the primal, as torch does
+    (the op unwraps functorch levels; pinned here because it uses torch._C._functorch)."""
+    torch.manual_seed(9)
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    ours = _running(3, torch.float64, "cpu")
+    theirs = tuple(t.clone() for t in ours)
+    f = lambda x: N.batch_norm(x, *ours, training=True).pow(3).sum()  # noqa: E731
+    run = {"grad": lambda: torch.func.grad(f)(x),
+           "grad∘grad": lambda: torch.func.grad(lambda y: torch.func.grad(f)(y).pow(2).sum())(x),
+           "jvp": lambda: torch.func.jvp(f, (x,), (x,)), "hessian": lambda: torch.func.hessian(f)(x)}
+    run[transform]()
+    F.batch_norm(x, *theirs, training=True)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=0)
+
+
+def test_batch_norm_running_stats_refused_under_vmap():
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    rm, rv = _running(3, torch.float64, "cpu")
+    before = (rm.clone(), rv.clone())
+    with pytest.raises(RuntimeError, match="cannot be updated in place under vmap"):
+        torch.func.vmap(lambda x: N.batch_norm(x, rm, rv, training=True))(x)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

@@ -285,11 +285,22 @@ def _rms_norm_composite(input: Any, normalized_shape: ShapeLike, weight: Optiona
 def _update_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float) -> None:
     """``running ← (1 − m) running + m batch`` in place, unbiased variance, no autograd history.
 
-    ``x`` may be a Taylor-mode Jet (from the Taylor rule): the update uses its primal value."""
+    ``x`` may be a Taylor-mode Jet (from the Taylor rule) or carry torch.func grad/jvp levels: the
+    update uses its primal value. Under vmap the update is refused, as torch does: one set of running
+    stats cannot take a different update per vmapped sample (pass running stats of None there)."""
     from torch_hod.taylor.engine import value  # imported late: the engine is not needed otherwise
 
+    x = value(x)
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        if torch._C._functorch.is_batchedtensor(x):
+            raise RuntimeError(
+                "torch_hod.ops.batch_norm: training-mode running statistics cannot be updated in place "
+                "under vmap (one running_mean/running_var, a batch of inputs); pass running_mean=None "
+                "and running_var=None inside vmap, or update the statistics outside it"
+            )
+        x = torch._C._functorch.get_unwrapped(x)
     with torch.no_grad():
-        aten.batch_norm_update_stats(value(x), running_mean, running_var, momentum)
+        aten.batch_norm_update_stats(x, running_mean, running_var, momentum)
 
 
 def _batch_norm_composite(input: Any, running_mean: Optional[Tensor], running_var: Optional[Tensor],
