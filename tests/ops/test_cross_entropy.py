@@ -94,6 +94,18 @@ def test_extreme_logits_finite_every_order(target, device):
     check_op(cross_entropy, F.cross_entropy, (z, t), kwargs=dict(label_smoothing=0.1), order=4, modes=FAST_MODES)
 
 
+def test_per_sample_gradients_under_vmap_with_batched_targets(device):
+    z, t = _randn((6, C), device=device), _index_target(device)
+    w = _weight(torch.float64, device)
+
+    def per_sample(fn):
+        return torch.func.vmap(torch.func.grad(lambda z, t: fn(z[None], t[None], weight=w, label_smoothing=0.1)))(z, t)
+
+    expected = per_sample(F.cross_entropy)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(per_sample(cross_entropy), expected, rtol=1e-12, atol=1e-14)
+
+
 def test_legacy_size_average_and_reduce(device):
     z, t = _randn((6, C), device=device), _index_target(device)
     for size_average, reduce in [(False, None), (None, False), (True, True)]:
@@ -104,9 +116,13 @@ def test_legacy_size_average_and_reduce(device):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
-def test_all_targets_ignored_gives_nan_like_torch(device):
-    z, t = _randn((3, C), device=device), torch.full((3,), -100, device=device)
-    assert torch.isnan(F.cross_entropy(z, t)) and torch.isnan(cross_entropy(z, t))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_all_targets_ignored_gives_nan_loss_and_zero_gradient_like_torch(label_smoothing, device):
+    z, t = _randn((3, C), device=device).requires_grad_(), torch.full((3,), -100, device=device)
+    for fn in (F.cross_entropy, cross_entropy):
+        loss = fn(z, t, label_smoothing=label_smoothing)
+        (g,) = torch.autograd.grad(loss, z)
+        assert torch.isnan(loss) and (g == 0).all(), fn
     assert cross_entropy(z, t, reduction="sum").item() == 0.0
 
 

@@ -27,6 +27,7 @@ same composition evaluated on Jets.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import torch
@@ -84,7 +85,11 @@ def _check(
             f"shape {tuple(expected)} (the input's shape without the class dimension {class_dim}), got {tuple(target.shape)}"
         )
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if bool(bad.any()):  # one host sync, outside any Function
+    try:
+        any_bad = bool(bad.any())  # one host sync, outside any Function
+    except RuntimeError:  # under vmap no host sync is possible; a bad index still fails in the gather
+        return
+    if any_bad:
         raise IndexError(
             f"torch_hod.ops.cross_entropy: target value {int(target[bad][0])} is out of range; class indices must "
             f"lie in [0, {n_classes - 1}] (or equal ignore_index={ignore_index})"
@@ -138,7 +143,14 @@ def _cross_entropy(
     loss, normaliser = _loss_per_sample(input, target, weight, ignore_index, label_smoothing)
     if reduction == "none":
         return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / normaliser
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if not isinstance(normaliser, Tensor):
+        return total / normaliser
+    # every target ignored: NaN loss but zero derivatives, as torch (0/0 would give NaN gradients)
+    empty = normaliser == 0
+    return torch.where(empty, torch.full_like(total, math.nan), total / torch.where(empty, 1.0, normaliser))
 
 
 @public_op("cross_entropy", taylor=_cross_entropy)
