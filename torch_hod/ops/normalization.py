@@ -187,13 +187,13 @@ def _check_eps(op: str, eps: Any) -> float:
     return float(eps)
 
 
-def _check_param(op: str, arg: str, p: Optional[Tensor], expected: Tuple[int, ...], x: Tensor) -> None:
+def _check_param(op: str, arg: str, p: Optional[Tensor], expected: Tuple[int, ...], x: Tensor, why: str = "") -> None:
     """``p`` must be None or a floating tensor of shape ``expected`` with ``x``'s dtype."""
     if p is None:
         return
     require_floats(op, **{arg: p})
     if tuple(p.shape) != tuple(expected):
-        raise ValueError(f"torch_hod.ops.{op}: {arg} must have shape {tuple(expected)}, got {tuple(p.shape)}")
+        raise ValueError(f"torch_hod.ops.{op}: {arg} must have shape {tuple(expected)}{why}, got {tuple(p.shape)}")
     if p.dtype != x.dtype:
         raise TypeError(f"torch_hod.ops.{op}: {arg} has dtype {p.dtype}, expected the input's dtype {x.dtype}")
 
@@ -234,7 +234,7 @@ def _batch_args(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
         raise ValueError(f"torch_hod.ops.{op}: input must have shape (N, C, *spatial) with ≥ 2 dims, got {tuple(x.shape)}")
     channels = (x.shape[1],)
     for arg, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_param(op, arg, p, channels, x)
+        _check_param(op, arg, p, channels, x, f" (one entry per channel of the input {tuple(x.shape)})")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"torch_hod.ops.{op}: give both running_mean and running_var or neither")
     if training:
