@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_hod.ops import normalization as N
-from torch_hod.testing import MODES, check_op, tolerances
+from torch_hod.testing import check_op, tolerances
 
 
 # ------------------------------------------------------------------------------ layer_norm
@@ -30,30 +30,11 @@ def _params(shape, affine: bool, dtype, device, bias: bool = True) -> list:
     return [w, torch.randn(shape, dtype=dtype, device=device)] if bias else [w]
 
 
-def _saved_primals_vmappable() -> bool:
-    """Whether ``saved_primals`` works for an op inside vmap under jvp (function.py, not ours:
-    ``_unpack_dual`` had no batching rule when this was written, failing *every* op's
-    ``forward_of_vmap`` mode, tanh included). Probed on tanh, so the mode is checked once fixed."""
-    from torch_hod.ops.elementwise import tanh
-
-    x = torch.randn(2, 3, dtype=torch.float64)
-    try:
-        torch.func.jvp(torch.func.vmap(tanh), (x,), (x,))
-    except RuntimeError as exc:
-        if "_unpack_dual" in str(exc):
-            return False
-        raise
-    return True
-
-
-MODES_RUN = [m for m in MODES if _saved_primals_vmappable() or m != "forward_of_vmap"]
-
-
 def _check(op, ref, inputs, dtype, order, argnums, **kwargs):
     """check_op w.r.t. the inputs at ``argnums`` that are not None (input, weight, bias)."""
     rtol, atol = tolerances(dtype)
     argnums = tuple(i for i in argnums if inputs[i] is not None)
-    check_op(op, ref, inputs, order=order, rtol=rtol, atol=atol, kwargs=kwargs, argnums=argnums, modes=MODES_RUN)
+    check_op(op, ref, inputs, order=order, rtol=rtol, atol=atol, kwargs=kwargs, argnums=argnums)
 
 
 @pytest.mark.parametrize("affine", [True, False])
