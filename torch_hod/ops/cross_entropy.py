@@ -104,7 +104,6 @@ def _loss_per_sample(
     n_classes = input.shape[c]
     eps = float(label_smoothing)
     lse = logsumexp(input, c, keepdim=True)
-    neg_log_p = lse - input  # −log softmax(z); saved by autograd only for probability targets that require grad
     w = None
     if weight is not None:
         w = weight.to(input.dtype).reshape((n_classes,) + (1,) * (input.dim() - 1 - c))
@@ -114,7 +113,8 @@ def _loss_per_sample(
             q = q * (1 - eps) + eps / n_classes
         if w is not None:
             q = q * w
-        return (q * neg_log_p).sum(c), input.numel() // n_classes if n_classes else 0
+        # −log softmax(z) = lse − z: kept by autograd only when the targets require grad
+        return (q * (lse - input)).sum(c), input.numel() // n_classes if n_classes else 0
     valid = target != ignore_index  # class indices
     t = torch.where(valid, target, torch.zeros_like(target))
     m = valid.to(input.dtype)
@@ -122,6 +122,7 @@ def _loss_per_sample(
     # gather from ``input`` (alive anyway): gather's backward keeps its source tensor
     loss = (1 - eps) * w_t * (lse - input.gather(c, t.unsqueeze(c))).squeeze(c)
     if eps > 0:
+        neg_log_p = lse - input  # a temporary: its consumers below keep only constants
         smooth = neg_log_p if w is None else neg_log_p * w
         loss = loss + (eps / n_classes) * m * smooth.sum(c)
     return loss, w_t.sum()
