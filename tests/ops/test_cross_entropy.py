@@ -94,6 +94,16 @@ def test_extreme_logits_finite_every_order(target, device):
     check_op(cross_entropy, F.cross_entropy, (z, t), kwargs=dict(label_smoothing=0.1), order=4, modes=FAST_MODES)
 
 
+@pytest.mark.parametrize("target", ["index", "probability"])
+def test_extreme_logits_float32_order2(target, device):
+    rtol, atol = tolerances(torch.float32)
+    sign = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0], device=device)
+    z = 1e4 * sign + _randn((6, C), torch.float32, device)
+    t = _index_target(device) if target == "index" else _prob_target((6, C), torch.float32, device)
+    check_op(cross_entropy, F.cross_entropy, (z, t), kwargs=dict(label_smoothing=0.1), order=2, rtol=rtol, atol=atol,
+             argnums=(0,), modes=FAST_MODES)
+
+
 def test_per_sample_gradients_under_vmap_with_batched_targets(device):
     z, t = _randn((6, C), device=device), _index_target(device)
     w = _weight(torch.float64, device)

@@ -57,6 +57,21 @@ def test_extreme_logits_finite_every_order(op, ref, device):
     check_op(op, ref, (x, -1), order=4, modes=["value", "autograd", "reverse", "forward", "forward_over_reverse", "taylor"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,ref", PAIRS + [(logsumexp, torch.logsumexp)], ids=["softmax", "log_softmax", "logsumexp"])
+def test_extreme_logits_float32_order2(op, ref, device):
+    rtol, atol = tolerances(torch.float32)
+    check_op(op, ref, (_extreme((3, 5), device).float(), -1), order=2, rtol=rtol, atol=atol,
+             modes=["value", "autograd", "forward", "forward_over_reverse", "taylor"])
+
+
+def test_logsumexp_infinities_and_nan_follow_torch():
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[1.0, 2.0, 3.0], [-inf, -inf, -inf], [inf, 1.0, 2.0], [nan, 1.0, 2.0], [-inf, 0.0, 1.0]])
+    for dim in (0, 1):
+        torch.testing.assert_close(logsumexp(x, dim), torch.logsumexp(x, dim), equal_nan=True, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("op,ref", PAIRS, ids=["softmax", "log_softmax"])
 def test_dtype_argument_casts_first(op, ref):
     x = _logits((3, 4), torch.float32, "cpu").requires_grad_()
