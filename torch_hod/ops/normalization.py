@@ -231,7 +231,8 @@ def _batch_args(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     op = "batch_norm"
     require_floats(op, input=x)
     if x.dim() < 2:
-        raise ValueError(f"torch_hod.ops.{op}: input must have shape (N, C, *spatial) with ≥ 2 dims, got {tuple(x.shape)}")
+        raise ValueError(
+            f"torch_hod.ops.{op}: input must have shape (N, C, *spatial) with ≥ 2 dims, got {tuple(x.shape)}")
     channels = (x.shape[1],)
     for arg, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_param(op, arg, p, channels, x, f" (one entry per channel of the input {tuple(x.shape)})")
@@ -330,7 +331,8 @@ def layer_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tens
     """Layer normalisation over the trailing ``normalized_shape`` dims (``M`` elements).
 
     ``y = (x − μ) r ⊙ γ + β`` with ``μ = mean(x)``, ``r = 1/√(mean((x − μ)²) + ε)``;
-    ``x̄ = r(ĝ − mean(ĝ) − x̂ mean(ĝ ⊙ x̂))`` with ``ĝ = ȳ ⊙ γ``, ``γ̄ = Σ ȳ ⊙ x̂``, ``β̄ = Σ ȳ``.
+    ``x̄ = r(ĝ − mean(ĝ) − x̂ mean(ĝ ⊙ x̂))`` with ``ĝ = ȳ ⊙ γ``; ``γ̄ = Σ ȳ ⊙ x̂``; ``β̄ = Σ ȳ``
+    (Σ over the leading dims).
     Shapes: input ``(*, *normalized_shape)``; weight, bias ``normalized_shape``; output as input.
     """
     norm = _layer_args(input, normalized_shape, weight, bias, eps)
