@@ -16,17 +16,17 @@ rev-fwd     ``torch.func.grad(x ↦ torch.func.jvp(f, x, v)[1])``         backwa
 auto        rev-rev outside torch.func transforms, else fwd-rev        see :func:`choose_mode`
 ==========  =========================================================  ===========================
 
+``auto`` rule: ``rev-rev``, except inside a ``torch.func`` transform, where ``autograd.grad``
+cannot see functorch levels and ``auto`` picks ``fwd-rev`` (the composition ``torch.func.hessian``
+uses). Measured by ``benchmarks/bench_hvp.py`` (CPU, 1 thread, fp32; MLP, CNN+BatchNorm and
+transformer block, plain and converted): ``rev-rev`` had the lowest peak memory in every case
+(0.5–0.8× that of ``fwd-rev``, e.g. MLP 11.3 vs 18.1 MB) and a median time of 2.1–3.2× one
+gradient against 3.0–4.0× for ``fwd-rev``; it also works for ops without forward AD (``cdist``).
+
 Caution (measured on torch 2.13, pytorch#198017): built-ins whose forward-AD rule is not correctly
 differentiable give silently wrong ``rev-fwd`` products; ``F.layer_norm`` is off by ~30% (relative)
 w.r.t. its input, while ``rev-rev`` and ``fwd-rev`` are exact. ``rev-fwd`` is offered for
 completeness and for functions made of torch_hod ops; ``auto`` never picks it.
-
-``auto`` rule (backed by ``benchmarks/bench_hvp.py`` and ``shared/FACTS.md``; CPU eager, fp32): the
-double backward was the fastest or within noise of the fastest on the MLP/CNN/transformer
-benchmarks and used about half the peak memory of ``jvp(grad)``, and it works for ops that lack
-forward AD (e.g. ``cdist``). It cannot run inside a ``torch.func`` transform (``autograd.grad``
-does not see functorch levels), so there ``auto`` picks ``fwd-rev``, the composition
-``torch.func.hessian`` uses.
 
 Batched products (``batched=True`` or :func:`hvp_batched`): tangents carry a leading batch axis
 ``B``; ``rev-rev`` computes the gradient once and runs the second backward with
