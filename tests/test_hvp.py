@@ -241,3 +241,21 @@ def test_errors_are_specific():
         hvp(lambda x: x.sum(), x, x)
     with pytest.raises(TypeError, match=r"has_aux=True, func must return \(scalar, aux\)"):
         hvp(mlp_loss, primals, tangents, has_aux=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norm_op_in_every_mode(mode):
+    """torch_hod.ops.layer_norm is right in every mode (the built-in is wrong under rev-fwd)."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b, c = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 6), (6,), (6,), (4, 6)))
+
+    def composite(x, w, b):
+        m = x.mean(-1, keepdim=True)
+        var = ((x - m) ** 2).mean(-1, keepdim=True)
+        return (((x - m) / torch.sqrt(var + 1e-5) * w + b) * c).pow(3).sum()
+
+    f = lambda x, w, b: (torch_hod.ops.layer_norm(x, (6,), w, b) * c).pow(3).sum()  # noqa: E731
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b))
+    _, hv = hvp(f, (x, w, b), tangents, mode=mode)
+    _, ref = torch.autograd.functional.hvp(composite, (x, w, b), tangents)
+    close(torch.cat([h.reshape(-1) for h in hv]), torch.cat([r.reshape(-1) for r in ref]))

@@ -267,6 +267,7 @@ class GGNOperator(_ModelOperator):
 
         def column(v: Dict[str, Tensor]) -> Dict[str, Tensor]:
             _, Jv = torch.func.jvp(model, (params,), (v,))
+            # rev-fwd: torch 2.13's jvp(grad(F.mse_loss)) raises "ZeroTensors are immutable".
             _, (HJv,) = hvp(loss, (out,), (Jv,), mode="rev-fwd")
             return pullback(HJv)[0]
 
