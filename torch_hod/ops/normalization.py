@@ -21,8 +21,10 @@ The Jacobian of ``x̂`` w.r.t. ``x`` is symmetric, so one linear map serves as b
 Both are written in plain differentiable torch ops, and the op saves only its inputs (``x``, ``γ``
 and for eval the running stats): ``x̂`` and ``r`` are recomputed from ``x`` (two reductions), so the
 saved memory is one copy of the input (the built-ins also keep per-row mean and rstd). The forward
-runs the fused built-in. The Taylor rule of each op is its composite of mean/mul/rsqrt/add
-(:func:`_layer_norm_composite` etc.), which is also the reference the tests compare against.
+runs the fused built-in; a backward whose result nothing will differentiate (no ``create_graph``,
+no forward-mode tangent) runs ATen's fused first-order kernel instead (layer_norm, batch_norm).
+The Taylor rule of each op is :func:`_composite` (mean/mul/rsqrt/add on Jets), which is also the
+reference the tests differentiate by reverse^k.
 
 In training mode ``batch_norm`` updates ``running_mean``/``running_var`` in place, as torch does
 (``running ← (1 − momentum)·running + momentum·batch``, unbiased variance for the update), outside
@@ -260,27 +262,26 @@ def _batch_args(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
 # ------------------------------------------------------------------ composites (Taylor rules)
 
 
-def _affine(y: Any, weight: Optional[Any], bias: Optional[Any]) -> Any:
+def _composite(norm: _Norm, x: Any, weight: Optional[Any], bias: Optional[Any], rm: Optional[Tensor] = None,
+               rv: Optional[Tensor] = None) -> Any:
+    """``x̂ ⊙ γ + β`` in elementary torch ops (mean, mul, rsqrt, add): the Taylor rule of every op
+    (it runs on Jets) and, differentiated by reverse^k, the reference of the tests."""
+    y = _statistics(norm, x, rm, rv)[0]
     if weight is not None:
-        y = y * weight
-    return y if bias is None else y + bias
+        y = y * norm.param_view(weight, x)
+    return y if bias is None else y + norm.param_view(bias, x)
 
 
 def _layer_norm_composite(input: Any, normalized_shape: ShapeLike, weight: Optional[Any] = None,
                           bias: Optional[Any] = None, eps: float = 1e-5) -> Any:
     """``(x − mean(x)) / √(mean((x − mean x)²) + ε) ⊙ γ + β`` over the trailing dims (Taylor rule)."""
-    norm = _layer_args(input, normalized_shape, weight, bias, eps)
-    dims = norm.dims(input)
-    c = input - input.mean(dims, keepdim=True)
-    return _affine(c * torch.rsqrt((c * c).mean(dims, keepdim=True) + norm.eps), weight, bias)
+    return _composite(_layer_args(input, normalized_shape, weight, bias, eps), input, weight, bias)
 
 
 def _rms_norm_composite(input: Any, normalized_shape: ShapeLike, weight: Optional[Any] = None,
                         eps: Optional[float] = None) -> Any:
     """``x / √(mean(x²) + ε) ⊙ γ`` over the trailing dims (Taylor rule)."""
-    norm = _rms_args(input, normalized_shape, weight, eps)
-    r = torch.rsqrt((input * input).mean(norm.dims(input), keepdim=True) + norm.eps)
-    return _affine(input * r, weight, None)
+    return _composite(_rms_args(input, normalized_shape, weight, eps), input, weight, None)
 
 
 def _update_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float) -> None:
@@ -309,17 +310,11 @@ def _batch_norm_composite(input: Any, running_mean: Optional[Tensor], running_va
                           momentum: float = 0.1, eps: float = 1e-5) -> Any:
     """Per channel, ``(x − μ) / √(σ² + ε) ⊙ γ + β`` with batch (training) or running (eval) stats."""
     norm = _batch_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    dims = norm.dims(input)
     if training:
-        c = input - input.mean(dims, keepdim=True)
-        r = torch.rsqrt((c * c).mean(dims, keepdim=True) + norm.eps)
         if running_mean is not None:
             _update_running_stats(input, running_mean, running_var, momentum)
-    else:
-        c = input - norm.param_view(running_mean, input)
-        r = torch.rsqrt(norm.param_view(running_var, input) + norm.eps)
-    view = lambda p: None if p is None else norm.param_view(p, input)  # noqa: E731
-    return _affine(c * r, view(weight), view(bias))
+        return _composite(norm, input, weight, bias)
+    return _composite(norm, input, weight, bias, running_mean, running_var)
 
 
 # ------------------------------------------------------------------------------------ public ops
