@@ -268,3 +268,12 @@ def test_converted_model_gives_the_same_operators():
     for op_cls in (HessianOperator, GGNOperator, EmpiricalFisherOperator):
         close(op_cls(converted, loss_fn, unequal(X, y)).dense(), op_cls(plain, loss_fn, unequal(X, y)).dense())
     close(HessianOperator(converted, loss_fn, unequal(X, y)).dense(), dense_hessian(plain, loss_fn, X, y))
+
+
+def test_to_scipy_eigsh_matches_dense_spectrum():
+    from scipy.sparse.linalg import eigsh
+
+    model, loss_fn, X, y = setup("ce")
+    op = GGNOperator(model, loss_fn, unequal(X, y))
+    top = torch.as_tensor(sorted(eigsh(op.to_scipy(), k=3, which="LA", return_eigenvectors=False)))
+    close(top, torch.linalg.eigvalsh(dense_ggn(model, loss_fn, X, y))[-3:], rtol=1e-8)

@@ -17,7 +17,8 @@ Weights: with ``reduction="mean"`` (``loss_fn`` averages over the batch) ``w_b =
 Data is a list/tuple of ``(X, y)`` batches (``X`` a tensor, or a tuple of tensors passed as
 ``model(*X)``), a single ``(X, y)`` pair of tensors, or a ``DataLoader`` that does not shuffle: every
 product runs over the whole data again, so the source must be re-iterable and give the same
-batches each time (shuffling samplers, generators and iterators are rejected).
+batches each time (shuffling samplers, generators and iterators are rejected; a loader over an
+``IterableDataset`` cannot be inspected and must itself repeat its batches).
 
 Module state: products are evaluated in eval mode by default (BatchNorm uses its running
 statistics, dropout is off); the model's train/eval flags are restored afterwards. With
