@@ -1,4 +1,4 @@
-"""``cross_entropy`` with derivatives of every order whose second-order rule stores only ``softmax(z)``.
+"""``cross_entropy`` with derivatives of every order; its Hessian-vector product needs 3× the logits' memory.
 
 With logits ``z`` (class dimension ``c``: dim 1, or dim 0 for an input of shape ``(C,)``) and a
 target distribution ``Q`` per sample (weights folded in), the per-sample loss is
