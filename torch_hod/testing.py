@@ -166,10 +166,45 @@ def _contract(a: Tensor, b: Tensor, trailing: bool) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# the modes: each returns {order: quantity}; a quantity is a tuple of tensors (g_k, one per
-# differentiated input) or a 1-tuple (q_k,)
+# the modes
+
+
+@dataclass
+class _Problem:
+    """The op on its differentiated inputs, with the random projections of this check."""
+
+    f: Callable[..., Tensors]  # op(*xs) as a tuple of outputs (other arguments bound)
+    ws: Tuple[Optional[Tensor], ...]  # output cotangents w (None for non-float outputs)
+    xs: Tensors  # the differentiated inputs
+    V: Tensors  # R directions per input, shape (R, *x.shape); V[i][0] is the main direction v
+    K: int  # highest order
+
+    @property
+    def vs(self) -> Tensors:
+        return tuple(v[0] for v in self.V)
+
+    def s(self, *x: Tensor) -> Tensor:
+        """s(x) = <w, f(x)>."""
+        return _dot(self.f(*x), self.ws)
+
+    def s_vmap(self, *x: Tensor) -> Tensor:
+        """s(x), with the op run inside ``vmap`` (a batch of one)."""
+        out = torch.func.vmap(self.f)(*(xi.unsqueeze(0) for xi in x))
+        return _dot(tuple(o.squeeze(0) for o in out), self.ws)
+
+    @property
+    def argnums(self) -> Tuple[int, ...]:
+        return tuple(range(len(self.xs)))
+
 
 Scalar = Callable[..., Tensor]
+#: what a mode returns: {order: (kind, quantity)}, kind "q" (a 1-tuple), "g" (one tensor per
+#: input), "q_sum" (q summed over the directions) or "y" (the values of the float outputs)
+Quantities = Dict[int, Tuple[str, Tensors]]
+
+
+def _none_to_zeros(values: Sequence[Optional[Tensor]], like: Tensors) -> Tensors:
+    return tuple(torch.zeros_like(x) if v is None else v for v, x in zip(values, like))
 
 
 def _autograd_chain(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
@@ -177,11 +212,9 @@ def _autograd_chain(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Te
     leaves = tuple(x.detach().requires_grad_() for x in xs)
     h, out = s(*leaves), {}
     for k in range(1, K + 1):
-        if h.requires_grad:
-            g = torch.autograd.grad(h, leaves, create_graph=k < K, allow_unused=True)
-            g = tuple(torch.zeros_like(x) if gi is None else gi for x, gi in zip(leaves, g))
-        else:  # h no longer depends on the inputs: every further derivative is zero
-            g = tuple(torch.zeros_like(x) for x in leaves)
+        # once h no longer depends on the inputs, every further derivative is zero
+        g = torch.autograd.grad(h, leaves, create_graph=k < K, allow_unused=True) if h.requires_grad else ()
+        g = _none_to_zeros(g or (None,) * len(xs), leaves)
         out[k] = tuple(gi.detach() for gi in g)
         h = _dot(g, vs)
     return out
@@ -227,100 +260,106 @@ def _forward(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
 
 
 def _forward_over_reverse(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
-    grad = torch.func.grad(s, argnums=tuple(range(len(xs))))
-    g = _jvp_tower(grad, xs, vs, K - 1)
+    g = _jvp_tower(torch.func.grad(s, argnums=tuple(range(len(xs)))), xs, vs, K - 1)
     return {k: g[k - 1] for k in range(2, K + 1)}
 
 
 def _reverse_over_forward(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
     q, pullback = torch.func.vjp(lambda *x: _jvp_tower(s, x, vs, K - 1), *xs)
-    out = {}
-    for k in range(2, K + 1):
-        out[k] = pullback(tuple(torch.ones_like(qi) if i == k - 1 else torch.zeros_like(qi) for i, qi in enumerate(q)))
-    return out
+    unit = lambda j: tuple(torch.ones_like(qi) if i == j else torch.zeros_like(qi) for i, qi in enumerate(q))
+    return {k: pullback(unit(k - 1)) for k in range(2, K + 1)}
 
 
-def _forward_ad(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
-    leaves = tuple(x.detach().requires_grad_() for x in xs)
+def _forward_ad(p: _Problem) -> Quantities:
+    """q_1 from a ``torch.autograd.forward_ad`` dual; g_2 as the tangent of ``autograd.grad``."""
+    leaves = tuple(x.detach().requires_grad_() for x in p.xs)
     with fwAD.dual_level():
-        h = s(*(fwAD.make_dual(x, v) for x, v in zip(leaves, vs)))
-        out = {1: (fwAD.unpack_dual(h).tangent,)}
-        if K >= 2:
+        h = p.s(*(fwAD.make_dual(x, v) for x, v in zip(leaves, p.vs)))
+        out: Quantities = {1: ("q", _none_to_zeros((fwAD.unpack_dual(h).tangent,), (h,)))}
+        if p.K >= 2:
             g = torch.autograd.grad(h, leaves, allow_unused=True)
-            out[2] = tuple(
-                torch.zeros_like(x) if gi is None or fwAD.unpack_dual(gi).tangent is None else fwAD.unpack_dual(gi).tangent
-                for x, gi in zip(leaves, g)
-            )
-    if out[1][0] is None:
-        out[1] = (torch.zeros_like(h),)
+            out[2] = ("g", _none_to_zeros([None if gi is None else fwAD.unpack_dual(gi).tangent for gi in g], leaves))
     return out
 
 
-def _taylor(f: Callable[..., Tensors], ws: Tuple, xs: Tensors, vs: Tensors, K: int, collapse: bool = False) -> Dict[int, Tensors]:
-    """q_1..q_K from ``jet(f, xs, [[v, 0, ..., 0]])`` (with a direction axis when ``vs`` has one)."""
-    from torch_hod.taylor import jet  # the Taylor engine sits above the ops; imported on use
+def _taylor(p: _Problem, vs: Tensors, K: int, collapse: bool = False, xs: Optional[Tensors] = None) -> Tuple[Tensors, Dict[int, Tensor]]:
+    """``jet(f, xs, [[v, 0, ..., 0]])``: the float outputs y0 and q_1..q_K (per direction if ``vs``
+    has a direction axis; the top order summed over directions if ``collapse``)."""
+    from torch_hod.taylor import jet  # the Taylor engine sits above the ops: imported on use
 
-    series = [[v] + [torch.zeros_like(v)] * (K - 2) + [torch.zeros_like(x if collapse else v)] if K > 1 else [v]
-              for x, v in zip(xs, vs)]
-    y0, ys = jet(f, xs, series, collapse=collapse)
-    out = {0: tuple(y for y, w in zip(_as_tuple(y0), ws) if w is not None)}
+    xs = p.xs if xs is None else xs
+    top = lambda x, v: torch.zeros_like(x if collapse else v)
+    series = [[v] + [torch.zeros_like(v)] * (K - 2) + [top(x, v)] if K > 1 else [v] for x, v in zip(xs, vs)]
+    y0, ys = jet(p.f, xs, series, collapse=collapse)
+    directed = vs[0].dim() > xs[0].dim()
+    q = {}
     for k, yk in enumerate(ys, start=1):
-        batched = vs[0].dim() > xs[0].dim() and not (collapse and k == K)
-        terms = [(w * y).reshape(y.shape[:1] + (-1,) if batched else (-1,)).sum(-1) for y, w in zip(_as_tuple(yk), ws) if w is not None]
-        out[k] = (torch.stack(terms).sum(0),)
-    return out
+        batched = directed and not (collapse and k == K)
+        terms = [(w * y).reshape(y.shape[:1] + (-1,) if batched else (-1,)).sum(-1)
+                 for y, w in zip(_as_tuple(yk), p.ws) if w is not None]
+        q[k] = torch.stack(terms).sum(0)
+    return tuple(y for y, w in zip(_as_tuple(y0), p.ws) if w is not None), q
 
 
-def _autograd_of_taylor(f: Callable[..., Tensors], ws: Tuple, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
+def _taylor_mode(p: _Problem) -> Quantities:
+    y0, q = _taylor(p, p.vs, p.K)
+    return {0: ("y", y0), **{k: ("q", (qk,)) for k, qk in q.items()}}
+
+
+def _autograd_of_taylor(p: _Problem) -> Quantities:
     """g_2..g_K: ``torch.autograd.grad`` of the jet's q_1..q_{K-1} (training through Taylor mode)."""
-    leaves = tuple(x.detach().requires_grad_() for x in xs)
-    q = _taylor(f, ws, leaves, vs, K - 1)
-    out = {}
-    for k in range(2, K + 1):
-        h = q[k - 1][0]
-        g = torch.autograd.grad(h, leaves, retain_graph=True, allow_unused=True) if h.requires_grad else (None,) * len(xs)
-        out[k] = tuple(torch.zeros_like(x) if gi is None else gi for x, gi in zip(leaves, g))
+    leaves = tuple(x.detach().requires_grad_() for x in p.xs)
+    _, q = _taylor(p, p.vs, p.K - 1, xs=leaves)
+    grad = lambda h: torch.autograd.grad(h, leaves, retain_graph=True, allow_unused=True) if h.requires_grad else (None,) * len(leaves)
+    return {k: ("g", _none_to_zeros(grad(q[k - 1]), leaves)) for k in range(2, p.K + 1)}
+
+
+def _jacobians(p: _Problem, jac: Callable) -> Quantities:
+    """Full Jacobian of f contracted with w (order 1); ``jac(jac(s)) · v`` (order 2)."""
+    J = jac(lambda *x: tuple(o for o, w in zip(p.f(*x), p.ws) if w is not None), argnums=p.argnums)(*p.xs)
+    ws = [w for w in p.ws if w is not None]
+    out: Quantities = {1: ("g", tuple(sum(_contract(J[o][i], w, trailing=False) for o, w in enumerate(ws)) for i in p.argnums))}
+    if p.K >= 2:
+        out[2] = ("g", _hessian_times_v(p, jac(jac(p.s, argnums=p.argnums), argnums=p.argnums)(*p.xs)))
     return out
 
 
-def _vmapped(mode: Callable) -> Callable:
-    def run(s: Scalar, xs: Tensors, vs: Tensors, K: int) -> Dict[int, Tensors]:
-        return torch.func.vmap(lambda *v: mode(s, xs, v, K))(*vs)
-
-    return run
+def _hessian_times_v(p: _Problem, H: Any) -> Tensors:
+    return tuple(sum(_contract(H[i][j], p.vs[j], trailing=True) for j in p.argnums) for i in p.argnums)
 
 
-_SCALAR_MODES: Dict[str, Callable[[Scalar, Tensors, Tensors, int], Dict[int, Tensors]]] = {
-    "autograd": _autograd_chain,
-    "reverse": _reverse,
-    "forward": _forward,
-    "forward_over_reverse": _forward_over_reverse,
-    "reverse_over_forward": _reverse_over_forward,
-    "forward_ad": _forward_ad,
-    "vmap_reverse": _vmapped(_reverse),
-    "vmap_forward": _vmapped(_forward),
-    "vmap_forward_over_reverse": _vmapped(_forward_over_reverse),
-    "vmap_reverse_over_forward": _vmapped(_reverse_over_forward),
-    "forward_of_vmap": _forward,
-    "reverse_of_vmap": _reverse,
+def _vmap(mode: Callable[[Scalar, Tensors, Tensors, int], Dict[int, Tensors]]) -> Callable:
+    """``mode`` under ``torch.func.vmap`` over the R directions."""
+    return lambda s, xs, V, K: torch.func.vmap(lambda *v: mode(s, xs, v, K))(*V)
+
+
+def _kind(kind: str, quantities: Dict[int, Tensors]) -> Quantities:
+    return {k: (kind, q) for k, q in quantities.items()}
+
+
+#: name → (runner, lowest K it needs, whether it works on all R directions at once)
+_RUNNERS: Dict[str, Tuple[Callable[[_Problem], Quantities], int, bool]] = {
+    "autograd": (lambda p: _kind("g", _autograd_chain(p.s, p.xs, p.vs, p.K)), 1, False),
+    "reverse": (lambda p: _kind("g", _reverse(p.s, p.xs, p.vs, p.K)), 1, False),
+    "forward": (lambda p: _kind("q", _forward(p.s, p.xs, p.vs, p.K)), 1, False),
+    "forward_over_reverse": (lambda p: _kind("g", _forward_over_reverse(p.s, p.xs, p.vs, p.K)), 2, False),
+    "reverse_over_forward": (lambda p: _kind("g", _reverse_over_forward(p.s, p.xs, p.vs, p.K)), 2, False),
+    "forward_ad": (_forward_ad, 1, False),
+    "vmap_reverse": (lambda p: _kind("g", _vmap(_reverse)(p.s, p.xs, p.V, p.K)), 1, True),
+    "vmap_forward": (lambda p: _kind("q", _vmap(_forward)(p.s, p.xs, p.V, p.K)), 1, True),
+    "vmap_forward_over_reverse": (lambda p: _kind("g", _vmap(_forward_over_reverse)(p.s, p.xs, p.V, p.K)), 2, True),
+    "vmap_reverse_over_forward": (lambda p: _kind("g", _vmap(_reverse_over_forward)(p.s, p.xs, p.V, p.K)), 2, True),
+    "forward_of_vmap": (lambda p: _kind("q", _forward(p.s_vmap, p.xs, p.vs, p.K)), 1, False),
+    "reverse_of_vmap": (lambda p: _kind("g", _reverse(p.s_vmap, p.xs, p.vs, p.K)), 1, False),
+    "taylor": (_taylor_mode, 1, False),
+    "taylor_directions": (lambda p: {k: ("q", (q,)) for k, q in _taylor(p, p.V, p.K)[1].items()}, 1, True),
+    "taylor_collapsed": (lambda p: {p.K: ("q_sum", (_taylor(p, p.V, p.K, collapse=True)[1][p.K],))}, 2, True),
+    "autograd_of_taylor": (_autograd_of_taylor, 2, False),
+    "jacrev": (lambda p: _jacobians(p, torch.func.jacrev), 1, False),
+    "jacfwd": (lambda p: _jacobians(p, torch.func.jacfwd), 1, False),
+    "hessian": (lambda p: {2: ("g", _hessian_times_v(p, torch.func.hessian(p.s, argnums=p.argnums)(*p.xs)))}, 2, False),
 }
-
-
-def _jacobian_mode(name: str, f: Callable, s: Scalar, xs: Tensors, vs: Tensors, ws: Tuple, K: int) -> Dict[int, Tensors]:
-    argnums = tuple(range(len(xs)))
-    out: Dict[int, Tensors] = {}
-    if name in ("jacrev", "jacfwd"):
-        jac = getattr(torch.func, name)
-        J = jac(lambda *x: tuple(o for o, w in zip(f(*x), ws) if w is not None), argnums=argnums)(*xs)
-        wf = [w for w in ws if w is not None]
-        out[1] = tuple(sum(_contract(J[o][i], wf[o], trailing=False) for o in range(len(wf))) for i in range(len(xs)))
-        if K >= 2:
-            H = jac(jac(s, argnums=argnums), argnums=argnums)(*xs)
-    else:
-        H = torch.func.hessian(s, argnums=argnums)(*xs)
-    if K >= 2:
-        out[2] = tuple(sum(_contract(H[i][j], vs[j], trailing=True) for j in range(len(xs))) for i in range(len(xs)))
-    return out
+assert set(MODES) == set(_RUNNERS) | {"value", "gradcheck", "gradgradcheck"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,27 +449,9 @@ def check_op(
         A :class:`CheckReport` (a list of :class:`CheckRow`: mode, order, max_abs, max_rel, ok).
     """
     name = name or getattr(op, "__name__", repr(op))
-    kwargs = dict(kwargs or {})
-    inputs = tuple(inputs)
-    if not isinstance(order, int) or order < 0:
-        raise ValueError(f"check_op({name}): order must be an int >= 0, got {order!r}")
+    kwargs, inputs = dict(kwargs or {}), tuple(inputs)
     modes = tuple(MODES) if modes is None else tuple(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"check_op({name}): unknown modes {unknown}; expected a subset of {list(MODES)}")
-    if argnums is None:
-        argnums = tuple(i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.dtype.is_floating_point)
-    argnums = tuple(argnums)
-    for i in argnums:
-        if not (isinstance(i, int) and -len(inputs) <= i < len(inputs)):
-            raise ValueError(f"check_op({name}): argnums entry {i!r} is not a position in the {len(inputs)} inputs")
-        a = inputs[i]
-        if not (isinstance(a, Tensor) and a.dtype.is_floating_point):
-            what = f"a tensor of dtype {a.dtype}" if isinstance(a, Tensor) else type(a).__name__
-            raise TypeError(f"check_op({name}): input {i} is {what}; differentiated inputs must be real floating-point tensors")
-    if not argnums and order > 0:
-        raise ValueError(f"check_op({name}): no floating-point tensor input to differentiate; pass argnums or order=0")
-    argnums = tuple(i % len(inputs) for i in argnums)
+    argnums = _check_arguments(name, inputs, order, modes, argnums)
 
     def bind(fn: Callable, args: Sequence[Any], kw: Dict[str, Any]) -> Callable[..., Tensors]:
         def f(*xs: Tensor) -> Tensors:
@@ -448,23 +469,21 @@ def check_op(
     f_ref = bind(reference, [to64(a) for a in inputs], {k: to64(a) for k, a in kwargs.items()})
     xs = tuple(inputs[i].detach() for i in argnums)
     xs64 = tuple(x.to(torch.float64) for x in xs)
-
-    # values (order 0) and the random projections
-    rows: List[CheckRow] = []
     with torch.no_grad():
         y_op, y_ref = f_op(*xs), f_ref(*xs64)
     if len(y_op) != len(y_ref):
         raise AssertionError(f"check_op({name}): op returns {len(y_op)} outputs, reference {len(y_ref)}")
+
+    # the random projections: cotangents w of the outputs, R directions per input (in float64,
+    # then cast, so the float64 reference sees exactly the same numbers)
     gen = torch.Generator().manual_seed(seed)
-
-    def randn_like(t: Tensor, batch: Tuple[int, ...] = ()) -> Tensor:
-        return torch.randn(batch + tuple(t.shape), generator=gen, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
-
-    ws = tuple(randn_like(y) if y.dtype.is_floating_point else None for y in y_op)
-    V = tuple(randn_like(x, (_NUM_DIRECTIONS,)) for x in xs)  # V[i][0] is the main direction
-    vs = tuple(v[0] for v in V)
+    randn = lambda t, batch=(): torch.randn(batch + tuple(t.shape), generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+    ws = tuple(randn(y) if y.dtype.is_floating_point else None for y in y_op)
+    problem = _Problem(f_op, ws, xs, tuple(randn(x, (_NUM_DIRECTIONS,)) for x in xs), order)
     ws64 = tuple(None if w is None else w.to(torch.float64) for w in ws)
+    V64 = tuple(v.to(torch.float64) for v in problem.V)
 
+    rows: List[CheckRow] = []
     if "value" in modes:
         for o, (a, b) in enumerate(zip(y_op, y_ref)):
             label = "value" if len(y_op) == 1 else f"value[{o}]"
@@ -474,90 +493,64 @@ def check_op(
                 same = a.shape == b.shape and bool((a.to(b.device) == b).all())
                 rows.append(CheckRow(label, 0, 0.0 if same else math.inf, 0.0 if same else math.inf, same,
                                      note="" if same else "non-floating output differs"))
-
-    def scalar(f: Callable[..., Tensors], w: Tuple) -> Scalar:
-        return lambda *x: _dot(f(*x), w)
-
-    def f_vmap(*x: Tensor) -> Tensors:  # the op run inside vmap (batch of one)
-        out = torch.func.vmap(f_op)(*(xi.unsqueeze(0) for xi in x))
-        return tuple(o.squeeze(0) for o in out)
-
-    s_op, s_ref, s_vmap = scalar(f_op, ws), scalar(f_ref, ws64), scalar(f_vmap, ws)
-    K = order
-    if K > 0:
-        # trusted reference: reverse-over-reverse of the reference, float64, for every direction
-        refs = [_autograd_chain(s_ref, xs64, tuple(v[r].to(torch.float64) for v in V), K) for r in range(_NUM_DIRECTIONS)]
-        ref = refs[0]
-        if all(float(gi.abs().max()) == 0 for g in ref.values() for gi in g):
-            rows.append(CheckRow("reference", K, 0.0, 0.0, False,
-                                 note=f"the reference's derivatives of orders 1..{K} are all zero at these inputs: the check could not fail"))
+    if order > 0:
+        # the trusted reference: reverse-over-reverse of the reference in float64, every direction
+        s_ref = lambda *x: _dot(f_ref(*x), ws64)
+        refs = [_autograd_chain(s_ref, xs64, tuple(v[r] for v in V64), order) for r in range(_NUM_DIRECTIONS)]
+        if all(float(gi.abs().max()) == 0 for g in refs[0].values() for gi in g):
+            rows.append(CheckRow("reference", order, 0.0, 0.0, False, note=(
+                f"the reference's derivatives of orders 1..{order} are all zero at these inputs: the check could not fail")))
 
         def expected(k: int, kind: str, batched: bool) -> Tensors:
+            if kind == "y":
+                return tuple(y for y, w in zip(y_ref, ws) if w is not None)
             per = [r[k] for r in (refs if batched else refs[:1])]
-            if kind == "q":
-                per = [(_dot(g, tuple(v[r].to(torch.float64) for v in V)),) for r, g in enumerate(per)]
+            if kind != "g":  # q_k = <g_k, v> per direction
+                per = [(_dot(g, tuple(v[r] for v in V64)),) for r, g in enumerate(per)]
+            if kind == "q_sum":
+                return (torch.stack([q for (q,) in per]).sum(0),)
             return tuple(torch.stack(parts) for parts in zip(*per)) if batched else per[0]
 
-        for mode, run in _SCALAR_MODES.items():
-            if mode not in modes:
+        for mode in modes:
+            if mode not in _RUNNERS or order < _RUNNERS[mode][1]:
                 continue
-            batched = mode.startswith("vmap_")
-            K_mode = min(K, 2) if mode == "forward_ad" else K
-            if mode.endswith("over_reverse") or mode.endswith("over_forward"):
-                if K_mode < 2:
-                    continue
+            run, lowest, batched = _RUNNERS[mode]
             try:
-                got = run(s_vmap if mode.endswith("_of_vmap") else s_op, xs, V if batched else vs, K_mode)
-            except Exception as exc:
-                rows.append(_error_row(mode, int(MODES[mode][0]), exc))
+                got = run(problem)
+            except Exception as exc:  # an op that fails in a mode fails that mode's row
+                rows.append(_error_row(mode, lowest, exc))
                 continue
-            for k in sorted(got):
-                kind = "q" if mode in ("forward", "vmap_forward", "forward_of_vmap") or (mode == "forward_ad" and k == 1) else "g"
-                rows.append(_compare(mode, k, got[k], expected(k, kind, batched), rtol, atol))
-
-        taylor_modes = {
-            "taylor": lambda: _taylor(f_op, ws, xs, vs, K),
-            "taylor_directions": lambda: _taylor(f_op, ws, xs, V, K),
-            "taylor_collapsed": lambda: {K: _taylor(f_op, ws, xs, V, K, collapse=True)[K]},
-            "autograd_of_taylor": lambda: _autograd_of_taylor(f_op, ws, xs, vs, K),
-        }
-        for mode, run in taylor_modes.items():
-            if mode not in modes or (K < 2 and mode in ("taylor_collapsed", "autograd_of_taylor")):
-                continue
-            try:
-                got = run()
-            except Exception as exc:
-                rows.append(_error_row(mode, K if mode == "taylor_collapsed" else int(MODES[mode][0]), exc))
-                continue
-            for k in sorted(got):
-                if k == 0:  # the jet's value
-                    if mode != "taylor":
-                        continue
-                    want = tuple(y for y, w in zip(y_ref, ws) if w is not None)
-                elif mode == "autograd_of_taylor":
-                    want = ref[k]
-                elif mode == "taylor_collapsed":
-                    want = (expected(k, "q", True)[0].sum(0),)
-                else:
-                    want = expected(k, "q", mode == "taylor_directions")
-                rows.append(_compare(mode, k, got[k], want, rtol, atol))
-
-        for mode in ("jacrev", "jacfwd", "hessian"):
-            if mode in modes and (mode != "hessian" or K >= 2):
-                try:
-                    got = _jacobian_mode(mode, f_op, s_op, xs, vs, ws, min(K, 2))
-                except Exception as exc:
-                    rows.append(_error_row(mode, 1 if mode != "hessian" else 2, exc))
-                    continue
-                rows.extend(_compare(mode, k, got[k], ref[k], rtol, atol) for k in sorted(got))
+            rows.extend(_compare(mode, k, got[k][1], expected(k, got[k][0], batched), rtol, atol) for k in sorted(got))
 
         if all(x.dtype == torch.float64 for x in xs):
-            rows.extend(_gradchecks(modes, f_op, xs, K))
+            rows.extend(_gradchecks(modes, f_op, xs, order))
 
     report = CheckReport(name, rows)
     if raise_on_failure and not report.ok:
         raise AssertionError(_failure_message(report, inputs, argnums))
     return report
+
+
+def _check_arguments(name: str, inputs: Tuple[Any, ...], order: Any, modes: Tuple[str, ...],
+                     argnums: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """Validate check_op's arguments; returns the normalised ``argnums``."""
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"check_op({name}): order must be an int >= 0, got {order!r}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"check_op({name}): unknown modes {unknown}; expected a subset of {list(MODES)}")
+    if argnums is None:
+        argnums = tuple(i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.dtype.is_floating_point)
+    for i in argnums:
+        if not (isinstance(i, int) and -len(inputs) <= i < len(inputs)):
+            raise ValueError(f"check_op({name}): argnums entry {i!r} is not a position in the {len(inputs)} inputs")
+        a = inputs[i]
+        if not (isinstance(a, Tensor) and a.dtype.is_floating_point):
+            what = f"a tensor of dtype {a.dtype}" if isinstance(a, Tensor) else type(a).__name__
+            raise TypeError(f"check_op({name}): input {i} is {what}; differentiated inputs must be real floating-point tensors")
+    if not argnums and order > 0:
+        raise ValueError(f"check_op({name}): no floating-point tensor input to differentiate; pass argnums or order=0")
+    return tuple(i % len(inputs) for i in argnums)
 
 
 def _failure_message(report: CheckReport, inputs: Tuple[Any, ...], argnums: Tuple[int, ...]) -> str:
