@@ -254,3 +254,23 @@ def test_bad_arguments_raise_clear_errors(x):
         check_op(lambda t: t, lambda t: t, (torch.ones(2, dtype=torch.long),))
     with pytest.raises(AssertionError, match="returns 2 outputs, reference 1"):
         check_op(lambda x: (x, x), lambda x: x, (x,))
+
+
+def test_a_check_that_could_not_fail_is_a_failure(device):
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    report = check_op(torch.sin, torch.sin, (empty,), order=2, raise_on_failure=False)
+    assert [r.mode for r in report if not r.ok] == ["reference"]
+    constant = lambda x: torch.ones_like(x)
+    with pytest.raises(AssertionError, match="reference's derivatives of orders 1..3 are all zero"):
+        check_op(constant, constant, (uniform((3,), device=device),), order=3)
+
+
+def test_order_zero_checks_values_only(x):
+    report = check_op(torch.sin, torch.sin, (x,), order=0)
+    assert [(r.mode, r.order) for r in report] == [("value", 0)]
+
+
+def test_non_finite_reference_fails(device):
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
+    report = check_op(torch.sqrt, torch.sqrt, (x,), order=1, modes=["reverse"], raise_on_failure=False)
+    assert not report.ok and "reference is not finite" in report[0].note
