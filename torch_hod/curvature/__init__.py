@@ -1,6 +1,7 @@
 """Curvature: matrix-free model operators (Hessian, GGN, empirical Fisher), spectral estimators
 (trace, diagonal, Lanczos, stochastic Lanczos quadrature) and solvers (CG, Newton-CG), all
 ``torch.distributed``-aware."""
+from torch_hod.curvature import distributed
 from torch_hod.curvature.linear_operator import CallableOperator, DenseOperator, LinearOperator, as_linear_operator
 from torch_hod.curvature.operators import (
     EmpiricalFisherOperator,
