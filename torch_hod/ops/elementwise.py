@@ -57,10 +57,6 @@ def _gelu_derivative(x: Tensor, approximate: str) -> Tensor:
     return 0.5 * (1 + torch.erf(x / _SQRT_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)))
-
-
 tanh = elementwise_op(
     "tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2,
     df_from_output=lambda y: 1 - y * y,
@@ -86,7 +82,7 @@ softplus = elementwise_op(
 
 gelu = elementwise_op(
     "gelu",
-    lambda x, approximate: _gelu_tanh(x) if approximate == "tanh" else F.gelu(x),
+    lambda x, approximate: F.gelu(x, approximate=approximate),
     _gelu_derivative,
     params={"approximate": "none"}, check=_check_approximate, register=True,
     doc="gelu(x) = x Φ(x) (or its tanh approximation); gelu' = Φ(x) + x φ(x).",
