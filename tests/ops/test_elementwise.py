@@ -139,3 +139,15 @@ def test_rejects_bad_parameters():
             ops.softplus(x, beta=beta)
     with pytest.raises(TypeError, match=r"softplus: unexpected argument 'alpha'"):
         ops.softplus(x, alpha=1.0)
+    for name in ("silu", "elu"):
+        with pytest.raises(ValueError, match=rf"{name}: inplace=True is not supported"):
+            getattr(ops, name)(x, inplace=True)
+
+
+def test_signatures_match_torch():
+    x = torch.linspace(-2, 2, 7, dtype=torch.float64)
+    assert torch.equal(ops.elu(x, 1.5, False), F.elu(x, 1.5, False))
+    assert torch.equal(ops.silu(x, inplace=False), F.silu(x, inplace=False))
+    assert torch.equal(ops.softplus(x, 2.0, 1.0), F.softplus(x, 2.0, 1.0))
+    assert torch.equal(ops.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh"))
+    assert torch.equal(ops.pow(x, 3), torch.pow(x, 3))

@@ -39,6 +39,18 @@ def _check_positive(name: str, what: str):
     return check
 
 
+def _check_not_inplace(name: str):
+    def check(*values: object) -> None:
+        inplace = values[-1]
+        if not isinstance(inplace, bool) or inplace:
+            raise ValueError(
+                f"torch_hod.ops.{name}: inplace={inplace!r} is not supported (an in-place activation would "
+                "overwrite the input its higher derivatives need); use inplace=False and the returned tensor"
+            )
+
+    return check
+
+
 def _check_exponent(exponent: float) -> None:
     if isinstance(exponent, Tensor) or not isinstance(exponent, (int, float)):
         raise TypeError(
@@ -89,16 +101,19 @@ gelu = elementwise_op(
 )
 
 silu = elementwise_op(
-    "silu", F.silu, lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))),
-    register=True, doc="silu(x) = x σ(x); silu' = σ(x)(1 + x(1 − σ(x))).",
+    "silu",
+    lambda x, inplace: F.silu(x),
+    lambda x, inplace: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))),
+    params={"inplace": False}, check=_check_not_inplace("silu"), register=True,
+    doc="silu(x) = x σ(x); silu' = σ(x)(1 + x(1 − σ(x))). ``inplace`` must be False.",
 )
 
 elu = elementwise_op(
     "elu",
-    lambda x, alpha: F.elu(x, alpha),
-    lambda x, alpha: torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(torch.clamp(x, max=0))),
-    params={"alpha": 1.0}, register=True,
-    doc="elu(x) = x (x > 0), α(eˣ − 1) (x ≤ 0); elu' = 1 or α eˣ.",
+    lambda x, alpha, inplace: F.elu(x, alpha),
+    lambda x, alpha, inplace: torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(torch.clamp(x, max=0))),
+    params={"alpha": 1.0, "inplace": False}, check=_check_not_inplace("elu"), register=True,
+    doc="elu(x) = x (x > 0), α(eˣ − 1) (x ≤ 0); elu' = 1 or α eˣ. ``inplace`` must be False.",
 )
 
 exp = elementwise_op(
