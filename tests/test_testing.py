@@ -254,6 +254,8 @@ def test_bad_arguments_raise_clear_errors(x):
         check_op(ops.sin, torch.sin, (x,), argnums=(3,))
     with pytest.raises(ValueError, match="no floating-point tensor input"):
         check_op(lambda t: t, lambda t: t, (torch.ones(2, dtype=torch.long),))
+    with pytest.raises(TypeError, match=r"inputs must be a tuple of positional arguments, e.g. \(x,\), got Tensor"):
+        check_op(ops.sin, torch.sin, x)
     with pytest.raises(AssertionError, match="returns 2 outputs, reference 1"):
         check_op(lambda x: (x, x), lambda x: x, (x,))
 

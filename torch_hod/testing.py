@@ -449,6 +449,8 @@ def check_op(
         A :class:`CheckReport` (a list of :class:`CheckRow`: mode, order, max_abs, max_rel, ok).
     """
     name = name or getattr(op, "__name__", repr(op))
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (tuple, list)):
+        raise TypeError(f"check_op({name}): inputs must be a tuple of positional arguments, e.g. (x,), got {type(inputs).__name__}")
     kwargs, inputs = dict(kwargs or {}), tuple(inputs)
     modes = tuple(MODES) if modes is None else tuple(modes)
     argnums = _check_arguments(name, inputs, order, modes, argnums)
