@@ -96,7 +96,7 @@ def _generator(seed: Seed, device: torch.device) -> Optional[torch.Generator]:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------- the engine
+# ------------------------------------------------------- weighted sums of directional derivatives
 def _lift(m: Tensor, x: Tensor, batch_dims: int) -> Tensor:
     """Directions ``(R, D)`` or ``(R, *B, D)`` over the flattened event -> ``(R, *x.shape)``."""
     lead = tuple(m.shape[1:-1]) if m.dim() > 2 else (1,) * batch_dims
