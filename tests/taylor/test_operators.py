@@ -374,3 +374,19 @@ def test_passes_are_collapsed_and_spend_no_direction_on_the_batch(monkeypatch):
     calls.clear()
     laplacian(model, x, batch_dims=1, randomization=True, num_samples=3, generator=0)
     assert calls == [(True, [(3, 7, 5), (7, 5)])]
+
+
+def test_benchmark_smoke():
+    """benchmarks/bench_taylor.py runs and its jets agree with the baselines (tiny sizes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_taylor.py"
+    spec = importlib.util.spec_from_file_location("bench_taylor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run(quick=True, device="cpu", dtype=torch.float64, memory=False, tables=("laplacian", "biharmonic"), models=("tanh",))
+    assert {r["method"] for r in rows} >= {"jet collapsed", "vmap(hessian)+trace", "vmap(hessian(hessian))"}
+    assert all(r["rel_err"] < 1e-10 and r["time_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="unknown tables"):
+        bench.run(quick=True, tables=("laplace",))
