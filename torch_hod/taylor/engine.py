@@ -353,6 +353,8 @@ def _name(func: Any) -> str:
     module = getattr(func, "__module__", None) or ""
     if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
         return "torch.Tensor." + qual.split(".", 1)[1]
+    if qual.startswith("_VariableFunctionsClass."):
+        return "torch." + qual.split(".", 1)[1]
     return f"{module}.{qual}" if module else qual
 
 

@@ -165,6 +165,8 @@ def _where(condition: Any, input: Any = None, other: Any = None, **kwargs: Any) 
 
 
 _where_linear = linear(torch.where, additive=(1, 2))
+_masked_fill = linear(torch.masked_fill, additive=(0, 2, "value"))
+_register(_funcs(["masked_fill"]), _masked_fill)
 register_taylor_rule(torch.where, _where)
 register_taylor_rule(Tensor.where, lambda self, condition, y: _where(condition, self, y))
 
@@ -572,6 +574,43 @@ _register(_funcs(["var"]), _var)
 _register(_funcs(["std"]), lambda *a, **k: torch.sqrt(_var(*a, **k)))
 
 
+def _vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    """``‖x‖₂ = √(Σ x²)`` (only ord = 2 has a rule; not differentiable at 0)."""
+    if ord != 2:
+        raise NotImplementedError(f"torch_hod.taylor.jet: vector_norm with ord={ord!r} has no Taylor rule (only ord=2)")
+    x = x if dtype is None else x.to(dtype)
+    return torch.sqrt((x * x).sum(dim, keepdim=keepdim) if dim is not None else (x * x).sum())
+
+
+def _tensor_norm(x: Any, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+    return _vector_norm(x, 2 if p in ("fro", 2, 2.0, None) else p, dim, keepdim, dtype=dtype)
+
+
+_register([torch.linalg.vector_norm], _vector_norm)
+_register(_funcs(["norm"]), _tensor_norm)
+register_taylor_rule(F.normalize, lambda input, p=2.0, dim=1, eps=1e-12, out=None:
+                     input / torch.clamp(_vector_norm(input, p, dim, keepdim=True), min=eps))
+
+
+def _sdpa(query: Any, key: Any, value_: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+          scale: Optional[float] = None, enable_gqa: bool = False) -> Any:
+    """``softmax(q kᵀ · scale + mask) v`` (causal and boolean/additive masks; no dropout)."""
+    if dropout_p != 0.0:
+        raise NotImplementedError("torch_hod.taylor.jet: scaled_dot_product_attention with dropout_p > 0 has no rule; use dropout_p=0")
+    if enable_gqa:
+        raise NotImplementedError("torch_hod.taylor.jet: scaled_dot_product_attention with enable_gqa=True has no rule")
+    L_, S_ = query.shape[-2], key.shape[-2]
+    scores = (query @ key.transpose(-2, -1)) * (1 / math.sqrt(query.shape[-1]) if scale is None else scale)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(L_, S_, dtype=torch.bool, device=query.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return _softmax(scores, -1) @ value_
+
+
+register_taylor_rule(F.scaled_dot_product_attention, _sdpa)
+
+
 def _normalize(x: Any, dims: tuple, eps: float) -> Any:
     """``(x − mean) / sqrt(var + eps)`` over ``dims`` (biased variance)."""
     xc = x - x.mean(dims, keepdim=True)
@@ -700,6 +739,7 @@ def _nll_loss(input: Any, target: Any, weight: Any = None, size_average: Any = N
 register_taylor_rule(F.mse_loss, _mse_loss)
 register_taylor_rule(F.cross_entropy, _cross_entropy)
 register_taylor_rule(F.nll_loss, _nll_loss)
+register_taylor_rule(F.embedding, linear(F.embedding))
 
 
 def _dropout_rule(drop: Callable[..., Tensor]) -> Callable[..., Any]:
