@@ -26,7 +26,7 @@ Case = Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor], Callable[
 
 
 def _cases(n: int, d: int, device: str) -> Dict[str, Case]:
-    """name → (torch_hod op, built-in, make arguments); the first argument is differentiated."""
+    """name → (torch_hod op, built-in, make arguments); every argument is differentiated."""
 
     def x() -> torch.Tensor:
         return torch.randn(n, d, device=device)
@@ -48,7 +48,7 @@ def _cases(n: int, d: int, device: str) -> Dict[str, Case]:
         "sin": (ops.sin, torch.sin, lambda: (x(),)),
         "sqrt": (ops.sqrt, torch.sqrt, lambda: (x().abs() + 0.1,)),
         "pow(1.5)": (lambda t: ops.pow(t, 1.5), lambda t: torch.pow(t, 1.5), lambda: (x().abs() + 0.1,)),
-        "linear": (lambda t: ops.linear(t, weight, bias), lambda t: F.linear(t, weight, bias), lambda: (x(),)),
+        "linear": (lambda t, W: ops.linear(t, W, bias), lambda t, W: F.linear(t, W, bias), lambda: (x(), weight)),
         "softmax": (lambda t: ops.softmax(t, -1), lambda t: F.softmax(t, -1), lambda: (x(),)),
         "log_softmax": (lambda t: ops.log_softmax(t, -1), lambda t: F.log_softmax(t, -1), lambda: (x(),)),
         "logsumexp": (lambda t: ops.logsumexp(t, -1), lambda t: torch.logsumexp(t, -1), lambda: (x(),)),
@@ -63,29 +63,31 @@ def _cases(n: int, d: int, device: str) -> Dict[str, Case]:
 
 def _forward_backward(fn: Callable, args: Tuple[Any, ...], w: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
-        x = args[0].detach().requires_grad_()
-        (fn(x, *args[1:]) * w).sum().backward()
+        xs = [a.detach().requires_grad_() for a in args]
+        (fn(*xs) * w).sum().backward()
 
     return run
 
 
-def _double_backward(fn: Callable, args: Tuple[Any, ...], w: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:
+def _double_backward(fn: Callable, args: Tuple[Any, ...], w: torch.Tensor, vs: List[torch.Tensor]) -> Callable[[], None]:
+    """An HVP of ``⟨w, f(args)⟩`` w.r.t. all arguments, by double backward."""
+
     def run() -> None:
-        x = args[0].detach().requires_grad_()
-        (g,) = torch.autograd.grad((fn(x, *args[1:]) * w).sum(), x, create_graph=True)
-        torch.autograd.grad((g * v).sum(), x)
+        xs = [a.detach().requires_grad_() for a in args]
+        grads = torch.autograd.grad((fn(*xs) * w).sum(), xs, create_graph=True)
+        torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), xs)
 
     return run
 
 
 def bench_ops(quick: bool, device: str) -> List[Dict[str, Any]]:
-    n, d = (1024, 256) if quick else (4096, 1024)
+    n, d = (512, 128) if quick else (4096, 1024)
     repeats = 3 if quick else 7
     rows = []
     for name, (ours, builtin, make) in _cases(n, d, device).items():
         args = make()
         w = torch.randn_like(builtin(*args))
-        v = torch.randn_like(args[0])
+        v = [torch.randn_like(a) for a in args]
         row: Dict[str, Any] = {"op": name, "shape": f"{n}x{d}"}
         for label, impl in (("hod", ours), ("torch", builtin)):
             row[f"fb_{label}"] = measure_time(_forward_backward(impl, args, w), repeats=repeats, device=device).median
