@@ -26,6 +26,7 @@ def pos(*shape, seed=0):
 X, Y, P = rnd(3, 4), rnd(3, 4, seed=1), pos(3, 4, seed=2)
 W, B = rnd(5, 4, seed=3), rnd(5, seed=4)
 IDX = torch.tensor([2, 0, 1])
+MASK = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
 
 # name -> (function, inputs, K)
 ELEMENTWISE = {
@@ -138,6 +139,12 @@ REDUCTIONS = {
     "nll_loss": (lambda x: F.nll_loss(torch.log_softmax(x, 1), torch.tensor([1, 3, 0])), (X,), 4),
     "batch_norm_eval": (lambda x: F.batch_norm(x, Y[0], P[0], W[0], B[:4], training=False, eps=1e-3), (X,), 6),
     "group_norm": (lambda x: F.group_norm(x.reshape(1, 4, 3), 2, P[1], Y[2]), (X,), 5),
+    "masked_fill": (lambda x: x.masked_fill(x > 0.5, 0.25) + torch.masked_fill(x, Y > 0, 1.0) * x, (X,), 4),
+    "sdpa": (lambda q, k: F.scaled_dot_product_attention(q.reshape(1, 3, 4), k.reshape(1, 3, 4), q.reshape(1, 3, 4), is_causal=True)
+             + F.scaled_dot_product_attention(q[None], k[None], k[None], attn_mask=MASK, scale=0.3)
+             + F.scaled_dot_product_attention(q[None], k[None], k[None], attn_mask=Y[:, :3]), (X, Y), 4),
+    "vector_norm_normalize": (lambda x: torch.linalg.vector_norm(x, dim=1) + x.norm() + F.normalize(x, dim=0).sum(1), (X,), 4),
+    "embedding_weight": (lambda w: F.embedding(IDX, w), (W,), 3),
     "dropout_eval": (lambda x: F.dropout(x, 0.3, training=False) + F.dropout(x, 0.0), (X,), 3),
 }
 
