@@ -148,7 +148,48 @@ REDUCTIONS = {
     "dropout_eval": (lambda x: F.dropout(x, 0.3, training=False) + F.dropout(x, 0.0), (X,), 3),
 }
 
-CASES = {**ELEMENTWISE, **ARITHMETIC, **PIECEWISE, **LINEAR, **REDUCTIONS}
+MORE = {
+    "tan_asinh_asin_acos": (lambda x: torch.tan(x / 2) + torch.asinh(x) + torch.asin(x / 3) + torch.acos(x / 3), (X,), 5),
+    "exp2_softsign_tanhshrink": (lambda x: torch.exp2(x) + F.softsign(x) + F.tanhshrink(x), (X,), 5),
+    "softmin": (lambda x: F.softmin(x, 1), (X,), 5),
+    "prod": (lambda x: x.prod(1) + torch.prod(x) + x.prod(0, keepdim=True).sum(), (X,), 5),
+    "l1_huber_smooth_l1": (lambda x: F.l1_loss(x, Y) + F.huber_loss(x, Y, delta=0.8) + F.smooth_l1_loss(x, Y, beta=0.5)
+                           + F.smooth_l1_loss(x, Y, beta=0.0, reduction="sum"), (X,), 4),
+    "bce": (lambda x: F.binary_cross_entropy_with_logits(x, torch.sigmoid(Y), pos_weight=P[0]) +
+            F.binary_cross_entropy(torch.sigmoid(x), torch.sigmoid(Y), reduction="sum"), (X,), 5),
+    "kl_div": (lambda x: F.kl_div(F.log_softmax(x, 1), F.softmax(Y, 1), reduction="batchmean")
+               + F.kl_div(x, Y, log_target=True, reduction="sum"), (X,), 5),
+}
+
+# functions without a rule of their own, run through PyTorch's decomposition (torch_hod.taylor.engine.DECOMPOSED)
+DECOMPOSED = {
+    "hardswish": (F.hardswish, (X,), 4),
+    "selu": (F.selu, (X,), 4),
+    "softshrink_hardshrink": (lambda x: F.softshrink(x, 0.3) + F.hardshrink(x, 0.3), (X,), 4),
+    "logit": (lambda x: torch.logit(torch.sigmoid(x)) * x, (X,), 4),
+    "sinc": (torch.sinc, (X,), 4),
+    "xlogy": (lambda x: torch.xlogy(x, x * x + 1), (X,), 4),
+    "glu": (lambda x: F.glu(x, -1), (X,), 4),
+    "addcmul_addcdiv_lerp": (lambda x: torch.addcmul(x, x, Y, value=0.5) + torch.addcdiv(x, Y, x * x + 1) + torch.lerp(x, x * x, 0.3), (X,), 4),
+    "frac_sgn": (lambda x: torch.frac(x) * x + torch.sgn(x) * x, (X,), 4),
+    "std_mean_var_mean": (lambda x: torch.std_mean(x, 1)[0] + torch.var_mean(x, 1)[1], (X,), 4),
+}
+
+CASES = {**ELEMENTWISE, **ARITHMETIC, **PIECEWISE, **LINEAR, **REDUCTIONS, **MORE, **DECOMPOSED}
+
+
+def test_decomposed_list_is_tested():
+    from torch_hod.taylor.engine import DECOMPOSED as listed
+
+    tested = " ".join(DECOMPOSED) + " celu"
+    assert all(name in tested for name in listed), sorted(n for n in listed if n not in tested)
+
+
+def test_celu_and_cdist_against_composites():
+    """(Autograd's celu backward loses precision (rel 1e-9); cdist has no double backward.)"""
+    check_jet(lambda x: F.celu(x, 0.7), (X,), 5, reference=lambda x: torch.where(x > 0, x, 0.7 * (torch.exp(x / 0.7) - 1)))
+    check_jet(lambda a, b: torch.cdist(a, b + 1), (X, Y), 5,
+              reference=lambda a, b: torch.sqrt(((a[:, None] - b[None] - 1) ** 2).sum(-1)))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -98,6 +98,8 @@ class Jet(Tensor):
                 return func(*args, **kwargs)
         rule = taylor_rule_for(func)
         if rule is None:
+            rule = _aten_alias(func) or _decomposition(func, kwargs)
+        if rule is None:
             return _inplace(func, args, kwargs)
         if not torch.is_grad_enabled() and _inside_function_apply():
             raise RuntimeError(
@@ -384,6 +386,57 @@ def _inplace(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         )
     target.primal, target.series = result.primal, result.series
     return target
+
+
+def _aten_alias(func: Any) -> Optional[Callable[..., Any]]:
+    """``torch.ops.aten.<name>.<overload>`` (as called inside decompositions) → the rule of
+    ``torch.<name>`` (the same operation: torch functions are bindings of the aten schema)."""
+    if not isinstance(func, torch._ops.OpOverload):
+        return None
+    target = getattr(torch, func.overloadpacket.__name__, None)
+    return taylor_rule_for(target) if target is not None else None
+
+
+#: Functions whose PyTorch decomposition runs on Jets and was verified by value (tests/taylor).
+DECOMPOSED = frozenset({
+    "hardswish", "selu", "celu", "softshrink", "hardshrink", "logit", "sinc", "xlogy", "glu", "addcmul",
+    "addcdiv", "lerp", "frac", "sgn", "std_mean", "var_mean",
+})
+
+
+def _decomposition(func: Any, kwargs: Dict[str, Any]) -> Optional[Callable[..., Any]]:
+    """Fallback for a composite function without a rule: PyTorch's own decomposition of the aten
+    op of the same name (``torch._decomp.decomposition_table``), run on the Jets. Used only for the
+    functions in :data:`DECOMPOSED`, each verified by value, so a decomposition that is not
+    differentiable in the Taylor sense can never give a wrong number silently."""
+    name = getattr(func, "__name__", "")
+    packet = getattr(torch.ops.aten, name, None) if name in DECOMPOSED else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    from torch._decomp import decomposition_table
+
+    overloads = [getattr(packet, o) for o in packet.overloads()]
+    candidates = [decomposition_table[o] for o in overloads if o in decomposition_table]
+    if not candidates:
+        return None
+
+    def rule(*args: Any, **kw: Any) -> Any:
+        if kw.get("inplace", False):
+            raise NotImplementedError(f"torch_hod.taylor.jet: {_name(func)} with inplace=True has no Taylor rule")
+        kw.pop("inplace", None)
+        errors = []
+        for decomposition in candidates:
+            try:
+                return decomposition(*args, **kw)
+            except (TypeError, NotImplementedError, RuntimeError) as err:
+                errors.append(err)
+        raise NotImplementedError(
+            f"torch_hod.taylor.jet: no Taylor-mode rule for {_name(func)}, and its PyTorch "
+            f"decomposition failed on Jets ({errors[-1]}). Register a rule with "
+            f"torch_hod.taylor.register_taylor_rule({_name(func)}, rule)."
+        )
+
+    return rule
 
 
 _APPLY_CODE = torch.autograd.Function.apply.__func__.__code__

@@ -338,6 +338,13 @@ _register([F.silu], _inplace_ok(_derivative_rule(F.silu, _silu_d)))
 _register([F.elu], _inplace_ok(_derivative_rule(lambda x, alpha=1.0: F.elu(x, alpha), _elu_d)))
 _register(_funcs(["log_sigmoid", "logsigmoid"], (torch._C._nn, F)), _derivative_rule(F.logsigmoid, lambda x: torch.sigmoid(-x)))
 register_taylor_rule(F.mish, _inplace_ok(lambda x: x * torch.tanh(F.softplus(x))))
+_register(_funcs(["tan"]), _derivative_rule(torch.tan, lambda x: 1 + torch.tan(x) ** 2))
+_register(_funcs(["asinh", "arcsinh"]), _derivative_rule(torch.asinh, lambda x: torch.rsqrt(1 + x * x)))
+_register(_funcs(["asin", "arcsin"]), _derivative_rule(torch.asin, lambda x: torch.rsqrt(1 - x * x)))
+_register(_funcs(["acos", "arccos"]), _derivative_rule(torch.acos, lambda x: -torch.rsqrt(1 - x * x)))
+_register(_funcs(["exp2"]), lambda x: torch.exp(x * math.log(2.0)))
+register_taylor_rule(F.softsign, lambda x: x / (1 + torch.abs(x)))
+register_taylor_rule(F.tanhshrink, lambda x: x - torch.tanh(x))
 
 # ---------------------------------------------------------------------------------------------
 # Piecewise ops: coefficients selected by the primal
@@ -554,6 +561,7 @@ def _log_softmax(input: Any, dim: Optional[int] = None, _stacklevel: int = 3, dt
 
 
 _register(_funcs(["softmax"], (torch, Tensor, F, torch.special)), _softmax)
+register_taylor_rule(F.softmin, lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(-input, dim, dtype=dtype))
 _register(_funcs(["log_softmax"], (torch, Tensor, F, torch.special)), _log_softmax)
 _register(_funcs(["logsumexp"], (torch, Tensor, torch.special)), _logsumexp)
 
@@ -740,6 +748,80 @@ register_taylor_rule(F.mse_loss, _mse_loss)
 register_taylor_rule(F.cross_entropy, _cross_entropy)
 register_taylor_rule(F.nll_loss, _nll_loss)
 register_taylor_rule(F.embedding, linear(F.embedding))
+
+
+def _weighted(loss: Any, weight: Any) -> Any:
+    return loss if weight is None else loss * weight
+
+
+def _l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """``reduce(w |x − t|)``."""
+    return _reduce(_weighted(torch.abs(input - target), weight), reduction, size_average, reduce)
+
+
+def _huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
+    """``½ d²`` where ``|d| < δ``, else ``δ (|d| − ½ δ)``."""
+    d = input - target
+    a = torch.abs(d)
+    return _reduce(_weighted(torch.where(value(a) < delta, 0.5 * d * d, delta * (a - 0.5 * delta)), weight), reduction)
+
+
+def _smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """``½ d²/β`` where ``|d| < β``, else ``|d| − ½ β`` (``β = 0``: l1)."""
+    d = input - target
+    a = torch.abs(d)
+    loss = a if beta == 0 else torch.where(value(a) < beta, 0.5 * d * d / beta, a - 0.5 * beta)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+def _bce_with_logits(input, target, weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None):
+    """``(1 − t) x + (1 + (p − 1) t) softplus(−x)``, times ``weight``."""
+    scale = 1 if pos_weight is None else 1 + (pos_weight - 1) * target
+    loss = (1 - target) * input + scale * F.softplus(-input)
+    return _reduce(_weighted(loss, weight), reduction, size_average, reduce)
+
+
+def _bce(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    """``−(t log p + (1 − t) log(1 − p))`` (PyTorch clamps the logs at −100; no clamp here)."""
+    loss = -(target * torch.log(input) + (1 - target) * torch.log(1 - input))
+    return _reduce(_weighted(loss, weight), reduction, size_average, reduce)
+
+
+def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
+    """``t (log t − x)`` (or ``eᵗ (t − x)`` for log targets); ``batchmean`` divides by the batch."""
+    loss = torch.exp(target) * (target - input) if log_target else torch.xlogy(target, target) - target * input
+    if reduction == "batchmean":
+        return loss.sum() / (input.shape[0] if input.dim() > 0 else 1)
+    return _reduce(loss, reduction, size_average, reduce)
+
+
+def _cdist(x1, x2, p=2.0, compute_mode=None):
+    """Euclidean distances ``√(Σ (x1_i − x2_j)²)`` (only p = 2; not differentiable at 0)."""
+    if p != 2:
+        raise NotImplementedError(f"torch_hod.taylor.jet: cdist with p={p!r} has no Taylor rule (only p=2)")
+    d = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    return torch.sqrt((d * d).sum(-1))
+
+
+for _f, _rule in ((F.l1_loss, _l1_loss), (F.huber_loss, _huber_loss), (F.smooth_l1_loss, _smooth_l1_loss),
+                  (F.binary_cross_entropy_with_logits, _bce_with_logits), (F.binary_cross_entropy, _bce),
+                  (F.kl_div, _kl_div), (torch.cdist, _cdist), (torch.functional.cdist, _cdist)):
+    register_taylor_rule(_f, _rule)
+
+
+def _prod(input: Any, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    """``prod``: a chain of Cauchy products over the reduced dim (exact when entries vanish)."""
+    x = input if dtype is None else input.to(dtype)
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    parts = x.unbind(dim)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out * part
+    return out.unsqueeze(dim) if keepdim else out
+
+
+_register(_funcs(["prod"]), _prod)
 
 
 def _dropout_rule(drop: Callable[..., Tensor]) -> Callable[..., Any]:
