@@ -120,6 +120,9 @@ LINEAR = {
     "gather_index_select": (lambda x: torch.gather(x, 1, IDX[:, None].expand(3, 2)).sum(1) + x.index_select(0, IDX).sum(1), (X,), 4),
     "flip_roll_repeat": (lambda x: x.flip(0).roll(1, 1).repeat(2, 1)[:3] + x.tile(1, 1), (X,), 3),
     "diag_tril_trace": (lambda x: x[:, :3].tril().sum() + x[:, :3].diagonal() + x[:, :3].trace(), (X,), 3),
+    "max_pool": (lambda x: F.max_pool2d(x.reshape(1, 1, 3, 4), 2, stride=1) .sum() + F.max_pool1d(x[None], 2)
+                 + F.adaptive_max_pool2d(x.reshape(1, 3, 4), (1, 2)).sum(), (X,), 4),
+    "max_pool_indices": (lambda x: F.max_pool2d(x.reshape(1, 1, 3, 4), 2, padding=1, return_indices=True)[0], (X,), 3),
     "pad_pool": (lambda x: F.avg_pool2d(F.pad(x.reshape(1, 1, 3, 4), (1, 1, 1, 0)), 2) + F.adaptive_avg_pool2d(x.reshape(1, 1, 3, 4), 1).sum(), (X,), 3),
     "to_dtype": (lambda x: x.float().double() * 0 + x.to(torch.float64) + x.type_as(Y), (X,), 3),
 }

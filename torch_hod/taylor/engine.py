@@ -378,7 +378,6 @@ def _inplace(func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         )
     target = args[0]
     result = taylor_rule_for(oop)(*args, **kwargs)
-    L = level_of(result)
     if not isinstance(target, Jet) or not is_jet(result, target.level) or result.shape != target.shape:
         raise RuntimeError(
             f"torch_hod.taylor.jet: in-place {_name(func)} would write a Taylor series into a tensor "

@@ -429,6 +429,29 @@ def _amax_rule(name: str) -> Callable[..., Any]:
     return rule
 
 
+def _max_pool_rule(with_indices: Callable[..., Any], nd: int, returns_indices: Optional[bool], flag: int = 0) -> Callable[..., Any]:
+    """Max pooling: the entries selected by the primal's pooling indices (``gather``, linear).
+    ``returns_indices=None``: read ``return_indices`` from the call (positional index ``flag``)."""
+
+    def rule(input: Any, *args: Any, **kwargs: Any) -> Any:
+        wanted = kwargs.pop("return_indices", args[flag] if returns_indices is None and len(args) > flag else False)
+        args = args[:flag] if returns_indices is None and len(args) > flag else args
+        _, idx = with_indices(value(input), *args, **kwargs)
+        start = input.dim() - nd
+        out = input.flatten(start).gather(start, idx.flatten(start)).reshape(idx.shape)
+        return (out, idx) if (returns_indices or (returns_indices is None and wanted)) else out
+
+    return rule
+
+
+for _nd in (1, 2, 3):
+    for _kind in ("max_pool", "adaptive_max_pool"):
+        _with = getattr(F, f"{_kind}{_nd}d_with_indices")
+        register_taylor_rule(_with, _max_pool_rule(_with, _nd, True))
+        register_taylor_rule(getattr(F, f"_{_kind}{_nd}d"), _max_pool_rule(_with, _nd, False))
+        # the public boolean_dispatch wrappers (return_indices is the 6th / 2nd positional argument)
+        register_taylor_rule(getattr(F, f"{_kind}{_nd}d"), _max_pool_rule(_with, _nd, None, 5 if _kind == "max_pool" else 1))
+
 _register(_funcs(["amax"]), _amax_rule("amax"))
 _register(_funcs(["amin"]), _amax_rule("amin"))
 
