@@ -16,10 +16,23 @@ _TAYLOR_RULES: Dict[Any, Callable[..., Any]] = {}
 
 
 def register_taylor_rule(func: Any, rule: Callable[..., Any]) -> Callable[..., Any]:
-    """Register ``rule`` as the Taylor-mode rule of ``func`` (a function, op or ``Function.apply``).
+    """Register ``rule`` as the Taylor-mode rule of ``func`` (a torch function, a torch_hod op, or
+    your own function); a later registration replaces an earlier one. Returns ``rule``.
 
-    Returns ``rule`` so it can be used as a decorator factory: ``@register_taylor_rule(f, ...)``
-    is not supported; call ``register_taylor_rule(f, rule)`` after defining the rule.
+    The jet transform sees a call as one operation only if the function dispatches through
+    ``__torch_function__``: torch's own functions do; for your own function (e.g. one that runs a
+    ``torch.autograd.Function``, whose ``apply`` is never seen as one call) add the two standard
+    lines of :mod:`torch.overrides`, then register a rule with the same signature::
+
+        from torch.overrides import handle_torch_function, has_torch_function
+
+        def my_op(x, c=1.0):
+            if has_torch_function((x,)):
+                return handle_torch_function(my_op, (x,), x, c=c)
+            return MyFunction.apply(x, c)
+
+        # the rule gets Jets for the series-carrying arguments; compose functions that have rules
+        register_taylor_rule(my_op, lambda x, c=1.0: x * torch.sigmoid(c * x))
     """
     if not callable(rule):
         raise TypeError(f"register_taylor_rule: rule must be callable, got {type(rule).__name__}")
