@@ -201,3 +201,20 @@ def test_dtypes_and_devices(device, dtype):
     rtol = 1e-10 if dtype == torch.float64 else 1e-4
     for k in range(3):
         assert_close(ys[k].double(), torch.stack([ref[r][k] for r in range(2)]), rtol)
+
+
+def test_mlp_order_8_and_nested_jvp_cross_check():
+    """K = 8 against the reverse-over-reverse reference, and K = 4 against nested torch.func.jvp."""
+    mlp = _seeded(nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 6), nn.Sigmoid(), nn.Linear(6, 1)))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    check_jet(mlp, (x,), K=8)
+
+    series = random_series((x,), 4, seed=5)
+    curve = lambda t: mlp(x + sum(c * t ** (k + 1) / math.factorial(k + 1) for k, c in enumerate(series[0])))
+    g, expected = curve, []
+    for _ in range(4):
+        g = (lambda h: lambda t: torch.func.jvp(h, (t,), (torch.ones_like(t),))[1])(g)
+        expected.append(g(torch.zeros((), dtype=torch.float64)))
+    _, ys = jet(mlp, (x,), series)
+    for k in range(4):
+        assert_close(ys[k], expected[k], 1e-10, what=f"order {k + 1}")
