@@ -178,7 +178,23 @@ DECOMPOSED = {
     "std_mean_var_mean": (lambda x: torch.std_mean(x, 1)[0] + torch.var_mean(x, 1)[1], (X,), 4),
 }
 
-CASES = {**ELEMENTWISE, **ARITHMETIC, **PIECEWISE, **LINEAR, **REDUCTIONS, **MORE, **DECOMPOSED}
+STRUCTURAL = {
+    "narrow_select": (lambda x: x.narrow(1, 1, 2).sum(1) + x.select(1, 0) + torch.take_along_dim(x, IDX[:, None], 1)[:, 0], (X,), 3),
+    "tensor_split_flip_rot": (lambda x: x.tensor_split(2, 1)[0].sum() + x.fliplr() + x.flipud() + torch.rot90(x.reshape(4, 3), 1, (0, 1)), (X,), 3),
+    "diag_embed_triu_nansum": (lambda x: torch.diag(x[0]).sum(0) + torch.diag_embed(x)[0, 0] + x.triu(1)[0] + x.nansum(), (X,), 3),
+    "ravel_repeat_interleave": (lambda x: x.ravel()[:4] + x.repeat_interleave(2, dim=0)[:4].sum(0) + torch.atleast_2d(x[0, 0])[0], (X,), 3),
+    "view_variants": (lambda x: x.swapaxes(0, 1).T + x[0].expand_as(x) + x.reshape(12).view_as(x) + x.reshape(4, 3).reshape_as(x)
+                      + torch.broadcast_to(x[:, :1], (3, 4)), (X,), 3),
+    "stacks": (lambda x: torch.hstack([x, x]).sum(1, keepdim=True) + torch.vstack([x, Y])[:3] + torch.dstack([x, x]).sum(-1)
+               + torch.concat([x, x]).reshape(3, 8)[:, :4], (X,), 3),
+    "masked_select": (lambda x: torch.masked_select(x, x > 0).sum() + x, (X,), 3),
+    "pixel_shuffle_unfold": (lambda x: F.pixel_shuffle(x.reshape(1, 4, 3, 1), 2).sum() + F.unfold(x.reshape(1, 1, 3, 4), 2).sum() + x, (X,), 3),
+    "identities": (lambda x: x.positive() + x.conj() + x.resolve_conj() + x.narrow_copy(0, 0, 3) + x.requires_grad_() + x.data, (X,), 3),
+    "iteration": (lambda x: sum(r * r for r in x) + len(x), (X,), 3),
+    "inplace_methods": (lambda x: x.clone().sub_(x * x).div_(2.0).clamp_(min=-1) + x.clone().abs_().exp_(), (X,), 3),
+}
+
+CASES = {**STRUCTURAL, **ELEMENTWISE, **ARITHMETIC, **PIECEWISE, **LINEAR, **REDUCTIONS, **MORE, **DECOMPOSED}
 
 
 def test_decomposed_list_is_tested():

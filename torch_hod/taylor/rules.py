@@ -104,7 +104,7 @@ _STRUCTURAL = [
     "take_along_dim", "split", "chunk", "unbind", "tensor_split", "flip", "fliplr", "flipud", "roll",
     "repeat", "tile", "diagonal", "diag", "diag_embed", "tril", "triu", "trace", "sum", "mean",
     "nansum", "cumsum", "neg", "negative", "__neg__", "__pos__", "positive", "conj", "resolve_conj",
-    "resolve_neg", "squeeze_", "real", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
+    "resolve_neg", "real", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
     "atleast_2d", "atleast_3d", "rot90", "masked_select",
 ]
 _register_each(_funcs(_STRUCTURAL), linear)
