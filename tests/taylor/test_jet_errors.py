@@ -18,6 +18,10 @@ def test_op_without_rule_names_it_and_register_taylor_rule():
         jet(lambda x: torch.cummax(x, 0).values, (X,), [[V]])
     with pytest.raises(NotImplementedError, match=r"special_bessel_j0.*register_taylor_rule"):
         jet(torch.special.bessel_j0, (X,), [[V]])
+    with pytest.raises(NotImplementedError, match=r"torch\.ops\.aten\.cummax\.default.*register_taylor_rule"):
+        jet(lambda x: torch.ops.aten.cummax.default(x, 0)[0], (X,), [[V]])
+    with pytest.raises(RuntimeError, match=r"in-place torch\.Tensor\.squeeze_ .*use the out-of-place squeeze"):
+        jet(lambda x: x.squeeze_(), (X[None],), [[V[None]]])
 
 
 def test_third_party_autograd_function_is_refused():

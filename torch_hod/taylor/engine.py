@@ -348,6 +348,8 @@ def _is_metadata(func: Any) -> bool:
 
 
 def _name(func: Any) -> str:
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return f"torch.ops.{func}"
     owner = getattr(func, "__self__", None)
     if getattr(func, "__name__", "") == "__get__" and owner is not None:
         return f"Tensor.{owner.__name__} (property)"
