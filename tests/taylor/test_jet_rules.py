@@ -276,6 +276,22 @@ def test_torch_hod_ops_rules():
               + 1 / x + x ** 2.5)
 
 
+def test_torch_hod_composite_ops_rules():
+    """The Taylor rules that torch_hod's linear, softmax, normalisation and loss ops register."""
+    ops = torch_hod.ops
+    t = torch.tensor([0, 3, 1])
+    check_jet(lambda x: ops.linear(x, W, B).sum(1) + ops.matmul(x, W.t()).sum(1) + ops.bmm(x[None], x.t()[None])[0].sum(1),
+              (X,), 4, reference=lambda x: F.linear(x, W, B).sum(1) + (x @ W.t()).sum(1) + (x @ x.t()).sum(1))
+    check_jet(lambda x: ops.softmax(x, -1) + ops.log_softmax(x, 0) + ops.logsumexp(x, 1, keepdim=True), (X,), 5,
+              reference=lambda x: torch.softmax(x, -1) + torch.log_softmax(x, 0) + torch.logsumexp(x, 1, keepdim=True))
+    check_jet(lambda x: ops.layer_norm(x, (4,), Y[0], Y[1]) + ops.rms_norm(x, (4,), Y[2], eps=1e-6)
+              + ops.batch_norm(x, Y[0], P[0], Y[1], Y[2], training=False), (X,), 4,
+              reference=lambda x: _layer_norm_ref(x, (4,), Y[0], Y[1]) + x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * Y[2]
+              + F.batch_norm(x, Y[0], P[0], Y[1], Y[2], training=False))
+    check_jet(lambda x: ops.cross_entropy(x, t) + ops.mse_loss(x, Y), (X,), 5,
+              reference=lambda x: F.cross_entropy(x, t) + F.mse_loss(x, Y))
+
+
 def test_setitem_and_inplace():
     def f(x, y):
         z = x.clone()
