@@ -65,10 +65,6 @@ class Level:
     R: int
     collapsed: bool
 
-    @property
-    def rows(self) -> int:
-        return (self.K - 1) * self.R + (1 if self.collapsed else self.R)
-
 
 class Jet(Tensor):
     """A tensor carrying a truncated Taylor series (see the module docstring)."""
