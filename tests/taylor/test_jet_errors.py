@@ -89,6 +89,13 @@ def test_unsupported_variants_raise():
         jet(lambda x: F.softmax(x), (X,), [[V]])
 
 
+def test_view_dtype_raises_and_integer_cast_is_constant():
+    with pytest.raises(NotImplementedError, match=r"view\(dtype\)"):
+        jet(lambda x: x.view(torch.int64), (X,), [[V]])
+    _, (y1,) = jet(lambda x: x.to(torch.int64) * x, (X,), [[V]])
+    assert torch.equal(y1, X.to(torch.int64) * V)
+
+
 def test_writing_a_jet_into_a_constant_raises():
     def f(x):
         out = torch.zeros(3, dtype=torch.float64)

@@ -28,11 +28,11 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from torch_hod.taylor import series as S
 from torch_hod.taylor.registry import taylor_rule_for
@@ -127,11 +127,7 @@ def is_jet(x: Any, level: Optional[Level]) -> bool:
 
 def level_of(*trees: Any) -> Optional[Level]:
     """The innermost level among the Jets in ``trees`` (``None`` if there is none)."""
-    best: Optional[Level] = None
-    for leaf in tree_leaves(trees):
-        if isinstance(leaf, Jet) and (best is None or leaf.level.tag > best.tag):
-            best = leaf.level
-    return best
+    return max((a.level for a in _jets(trees)), key=lambda level: level.tag, default=None)
 
 
 def value(x: Any) -> Any:
@@ -195,59 +191,76 @@ def batched(fn: Callable[..., Any], xs: Sequence[Tensor], in_dims: Sequence[Opti
 # Rule combinators
 
 
-def linear(func: Callable[..., Any], additive: Sequence[Any] = ()) -> Callable[..., Any]:
+def _is_container(obj: Any) -> bool:
+    return isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size) and not hasattr(obj, "_fields")
+
+
+def _walk(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """Map ``fn`` over the leaves of call arguments (recursing into lists, tuples and dicts)."""
+    if _is_container(obj):
+        return type(obj)(_walk(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _walk(v, fn) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _jets(obj: Any) -> Iterator[Jet]:
+    """The Jets among the leaves of call arguments, in order."""
+    if _is_container(obj):
+        for o in obj:
+            yield from _jets(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _jets(o)
+    elif isinstance(obj, Jet):
+        yield obj
+
+
+def linear(func: Callable[..., Any], additive: Sequence[Any] = (), elementwise: bool = False) -> Callable[..., Any]:
     """Rule of an op that is linear in its Jet arguments: ``y_k = func(x_k)``, one batched call.
 
     ``additive`` names the positions (ints) or keywords (strs) of arguments that enter additively
     (``add``'s operands, ``cat``'s list, ``where``'s branches, a bias): a constant there has zero
     higher coefficients. Other constant arguments (weights, indices, sizes) are parameters.
+    ``elementwise=True`` (broadcasting ops: add, mul by a constant, where, ``to``) applies ``func``
+    directly to the stacked coefficients viewed as ``(N, 1, …, 1, *shape)``; otherwise the call is
+    one ``torch.vmap`` over the N coefficient rows.
     """
 
     def rule(*args: Any, **kwargs: Any) -> Any:
         L = level_of(args, kwargs)
-        flat, spec = tree_flatten((args, kwargs))
-        zero = _additive_leaves(args, kwargs, additive)
-        pos = [i for i, a in enumerate(flat) if is_jet(a, L)]
-        prim = [a.primal if i in pos else a for i, a in enumerate(flat)]
-        a0, k0 = tree_unflatten(prim, spec)
+        a0, k0 = _walk((args, kwargs), lambda a: a.primal if is_jet(a, L) else a)
         y0 = func(*a0, **k0)
-        base = [_zero_like(a) if i in zero and i not in pos else a for i, a in enumerate(flat)]
+        jets = [a for a in _jets((args, kwargs)) if is_jet(a, L)]
+        zero = lambda a: a if is_jet(a, L) else _zero_like(a)
+        zeroed = (
+            tuple(_walk(a, zero) if j in additive else a for j, a in enumerate(args)),
+            {k: _walk(v, zero) if k in additive else v for k, v in kwargs.items()},
+        )
+        if elementwise:
+            if not y0.is_floating_point():  # e.g. .to(torch.int64): piecewise constant
+                return y0
+            nd = y0.dim()
+            lifted = _walk(zeroed, lambda a: a.series.reshape(a.series.shape[:1] + (1,) * (nd - a.dim()) + a.series.shape[1:]) if is_jet(a, L) else a)
+            ys = func(*lifted[0], **lifted[1])
+            return Jet(y0, torch.broadcast_to(ys, ys.shape[:1] + y0.shape), L)
 
         def one(*rows: Tensor) -> Any:
-            leaves = list(base)
-            for i, r in zip(pos, rows):
-                leaves[i] = r
-            a, k = tree_unflatten(leaves, spec)
+            it = iter(rows)
+            a, k = _walk(zeroed, lambda t: next(it) if is_jet(t, L) else t)
             return func(*a, **k)
 
-        nested = any(isinstance(a, Jet) for i, a in enumerate(flat) if i not in pos)
-        ys = batched(one, [flat[i].series for i in pos], [0] * len(pos), loop=nested)
+        nested = any(not is_jet(a, L) for a in _jets(zeroed))
+        ys = batched(one, [j.series for j in jets], [0] * len(jets), loop=nested)
         return _pack(y0, ys, L)
 
     return rule
 
 
-def _additive_leaves(args: Tuple[Any, ...], kwargs: Dict[str, Any], additive: Sequence[Any]) -> set:
-    """Flat indices (in ``tree_flatten((args, kwargs))`` order) of the additive arguments' leaves."""
-    if not additive:
-        return set()
-    out, i = set(), 0
-    for j, a in enumerate(args):
-        n = len(tree_leaves(a))
-        if j in additive:
-            out.update(range(i, i + n))
-        i += n
-    for key in sorted(kwargs):  # pytree flattens dicts in sorted key order
-        n = len(tree_leaves(kwargs[key]))
-        if key in additive:
-            out.update(range(i, i + n))
-        i += n
-    return out
-
-
 def _zero_like(a: Any) -> Any:
+    """The zero coefficient of a constant (a Jet of an outer call included) in an additive slot."""
     if isinstance(a, Tensor) and (a.is_floating_point() or a.is_complex()):
-        return torch.zeros_like(value(a))
+        return torch.zeros((), dtype=a.dtype, device=a.device).expand(a.shape)
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return 0
     return a
@@ -312,7 +325,7 @@ def zero_derivative(func: Callable[..., Any]) -> Callable[..., Any]:
 
     def rule(*args: Any, **kwargs: Any) -> Any:
         L = level_of(args, kwargs)
-        a, k = tree_map(lambda t: t.primal if is_jet(t, L) else t, (args, kwargs))
+        a, k = _walk((args, kwargs), lambda t: t.primal if is_jet(t, L) else t)
         return func(*a, **k)
 
     return rule

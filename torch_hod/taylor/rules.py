@@ -97,18 +97,39 @@ _register(_funcs(["requires_grad_", "retain_grad"], (Tensor,)), _identity_grad)
 # Linear ops: one batched call on all coefficients
 
 _STRUCTURAL = [
-    "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+    "view_as", "reshape_as", "flatten", "unflatten", "permute", "transpose",
     "swapaxes", "swapdims", "t", "movedim", "moveaxis", "squeeze", "unsqueeze", "expand",
-    "expand_as", "broadcast_to", "contiguous", "clone", "to", "float", "double", "half",
-    "bfloat16", "type_as", "cpu", "cuda", "narrow", "select", "index_select", "gather",
+    "expand_as", "broadcast_to", "narrow", "select", "index_select", "gather",
     "take_along_dim", "split", "chunk", "unbind", "tensor_split", "flip", "fliplr", "flipud", "roll",
     "repeat", "tile", "diagonal", "diag", "diag_embed", "tril", "triu", "trace", "sum", "mean",
-    "nansum", "cumsum", "neg", "negative", "__neg__", "__pos__", "positive", "conj", "resolve_conj",
-    "resolve_neg", "real", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
+    "nansum", "cumsum", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
     "atleast_2d", "atleast_3d", "rot90", "masked_select",
 ]
+_POINTWISE = [
+    "neg", "negative", "__neg__", "__pos__", "positive", "conj", "resolve_conj", "resolve_neg", "real",
+    "contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as", "cpu", "cuda",
+]
 _register_each(_funcs(_STRUCTURAL), linear)
+_register_each(_funcs(_POINTWISE), lambda f: linear(f, elementwise=True))
 _register_each([_prop(p) for p in ("T", "mT", "H", "mH", "real")], linear)
+
+
+def _reshape_rule(func: Any) -> Callable[..., Any]:
+    """``reshape``/``view``: the coefficient axis is kept in front (``view(dtype)`` is refused:
+    reinterpreting bits is not linear)."""
+
+    def rule(x: Any, *shape: Any, **kwargs: Any) -> Any:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        shape = tuple(kwargs.pop("shape", kwargs.pop("size", shape)))
+        if any(isinstance(d, torch.dtype) for d in shape):
+            raise NotImplementedError("torch_hod.taylor.jet: view(dtype) reinterprets bits and has no Taylor rule")
+        L = level_of(x)
+        return Jet(func(x.primal, shape), x.series.reshape(x.series.shape[:1] + shape), L)
+
+    return rule
+
+
+_register_each(_funcs(["reshape", "view"]), _reshape_rule)
 _register_each(_funcs(["pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                        "adaptive_avg_pool2d", "adaptive_avg_pool3d", "unfold", "fold",
                        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"], (F,)), linear)
@@ -116,7 +137,7 @@ _register_each(_funcs(["pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptiv
 _register_each(_funcs(["cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"]),
                lambda f: linear(f, additive=(0, "tensors")))
 _register_each(_funcs(["add", "__add__", "__radd__", "sub", "subtract", "__sub__", "__rsub__", "rsub"]),
-               lambda f: linear(f, additive=(0, 1, "input", "other")))
+               lambda f: linear(f, additive=(0, 1, "input", "other"), elementwise=True))
 
 
 def _plain_index(idx: Any) -> Any:
@@ -164,8 +185,8 @@ def _where(condition: Any, input: Any = None, other: Any = None, **kwargs: Any) 
     return _where_linear(value(condition), input, other)
 
 
-_where_linear = linear(torch.where, additive=(1, 2))
-_masked_fill = linear(torch.masked_fill, additive=(0, 2, "value"))
+_where_linear = linear(torch.where, additive=(1, 2), elementwise=True)
+_masked_fill = linear(torch.masked_fill, additive=(0, 2, "value"), elementwise=True)
 _register(_funcs(["masked_fill"]), _masked_fill)
 register_taylor_rule(torch.where, _where)
 register_taylor_rule(Tensor.where, lambda self, condition, y: _where(condition, self, y))
@@ -175,13 +196,20 @@ register_taylor_rule(Tensor.where, lambda self, condition, y: _where(condition, 
 # Products and quotients
 
 
+def _product(a: Jet, b: Jet) -> Jet:
+    """Elementwise Cauchy product of two Jets (broadcasting): ``(ab)_k = Σ_i a_i b_{k−i}``."""
+    L = level_of(a, b)
+    ndim = len(torch.broadcast_shapes(a.shape, b.shape))
+    return from_coefficients(S.mul(_lift(coefficients(a), ndim, L.collapsed), _lift(coefficients(b), ndim, L.collapsed), L.collapsed), L)
+
+
 def _mul_rule(func: Any) -> Callable[..., Any]:
-    lin = linear(func)
+    lin = linear(func, elementwise=True)
 
     def rule(a: Any, b: Any, **kwargs: Any) -> Any:
         L = level_of(a, b)
         if is_jet(a, L) and is_jet(b, L):
-            return bilinear(torch.mul, a, b)
+            return _product(a, b)
         return lin(a, b, **kwargs)
 
     return rule
@@ -217,7 +245,7 @@ def _quotient(a: Any, b: Any) -> Any:
 
 
 def _div_rule(func: Any) -> Callable[..., Any]:
-    lin = linear(func)
+    lin = linear(func, elementwise=True)
 
     def rule(a: Any, b: Any, *, rounding_mode: Optional[str] = None) -> Any:
         L = level_of(a, b)
@@ -249,10 +277,10 @@ def _power(x: Any, p: Any) -> Any:
         result, base = None, x
         while n:
             if n & 1:
-                result = base if result is None else bilinear(torch.mul, result, base)
+                result = base if result is None else _product(result, base)
             n >>= 1
             if n:
-                base = bilinear(torch.mul, base, base)
+                base = _product(base, base)
         return result
     c = coefficients(x)
     if isinstance(p, Tensor):
@@ -477,8 +505,23 @@ def _bilinear_rule(func: Any, i: int, j: int, additive: tuple = ()) -> Callable[
     return rule
 
 
-_register_each(_funcs(["matmul", "__matmul__", "mm", "bmm", "mv", "dot", "inner", "outer", "ger", "vdot",
-                       "tensordot", "cross"]), lambda f: _bilinear_rule(f, 0, 1))
+_register_each(_funcs(["mm", "bmm", "mv", "dot", "inner", "outer", "ger", "vdot", "tensordot", "cross"]),
+               lambda f: _bilinear_rule(f, 0, 1))
+
+
+def _matmul_rule(func: Any) -> Callable[..., Any]:
+    general = _bilinear_rule(func, 0, 1)
+
+    def rule(a: Any, b: Any) -> Any:
+        L = level_of(a, b)
+        if is_jet(a, L) and not is_jet(b, L) and b.dim() <= 2:  # coefficient axis = a batch dim
+            return Jet(func(a.primal, b), func(a.series, b), L)
+        return general(a, b)
+
+    return rule
+
+
+_register_each(_funcs(["matmul", "__matmul__"]), _matmul_rule)
 register_taylor_rule(Tensor.__rmatmul__, lambda x, other: torch.matmul(other, x))
 
 
@@ -488,6 +531,8 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     if is_jet(weight, L):
         y = torch.matmul(input, weight.transpose(-1, -2))
         return y if bias is None else y + bias
+    if not is_jet(bias, L):  # the leading coefficient axis is one more batch dim of F.linear
+        return Jet(F.linear(input.primal, weight, bias), F.linear(input.series, weight), L)
     return _linear_const(input, weight, bias)
 
 
