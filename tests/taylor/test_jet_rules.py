@@ -108,7 +108,8 @@ LINEAR = {
     "conv2d": (lambda x: F.conv2d(x.reshape(1, 1, 3, 4), rnd(2, 1, 2, 2, seed=5), rnd(2, seed=6), stride=1, padding=1), (X,), 5),
     "conv2d_jet_weight": (lambda x, w: F.conv2d(x.reshape(2, 2, 3, 1).expand(2, 2, 3, 3), w.reshape(5, 1, 2, 2)[:4], None, groups=2), (X, W), 5),
     "conv2d_groups_stride": (lambda x: F.conv2d(x.reshape(1, 2, 2, 3), rnd(4, 1, 2, 2, seed=7), rnd(4, seed=8), stride=(1, 2), padding=1, groups=2), (X,), 4),
-    "sum_mean": (lambda x: x.sum(0) + x.mean(1).sum() + torch.sum(x, (0, 1), keepdim=True) + x.mean(), (X,), 4),
+    "sum_mean": (lambda x: x.sum(0) + x.mean(1).sum() + torch.sum(x, (0, 1), keepdim=True) + x.mean() + x.sum(-1, True).sum(dtype=torch.float64)
+                 + torch.mean(x, dim=[-2]) + x.sum([]) + x[0, 0].sum(), (X,), 4),
     "cumsum": (lambda x: torch.cumsum(x, 1) + x.cumsum(0), (X,), 4),
     "views": (lambda x: x.reshape(2, 6).t().reshape(4, 3).view(3, 4).permute(1, 0).transpose(0, 1).contiguous(), (X,), 4),
     "squeeze_expand": (lambda x: x.unsqueeze(0).expand(2, 3, 4).squeeze(0)[1] + x[None].squeeze() + x.flatten().unflatten(0, (3, 4)), (X,), 4),

@@ -101,8 +101,7 @@ _STRUCTURAL = [
     "swapaxes", "swapdims", "t", "movedim", "moveaxis", "squeeze", "unsqueeze", "expand",
     "expand_as", "broadcast_to", "narrow", "select", "index_select", "gather",
     "take_along_dim", "split", "chunk", "unbind", "tensor_split", "flip", "fliplr", "flipud", "roll",
-    "repeat", "tile", "diagonal", "diag", "diag_embed", "tril", "triu", "trace", "sum", "mean",
-    "nansum", "cumsum", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
+    "repeat", "tile", "diagonal", "diag", "diag_embed", "tril", "triu", "trace", "nansum", "cumsum", "ravel", "repeat_interleave", "narrow_copy", "atleast_1d",
     "atleast_2d", "atleast_3d", "rot90", "masked_select",
 ]
 _POINTWISE = [
@@ -130,6 +129,29 @@ def _reshape_rule(func: Any) -> Callable[..., Any]:
 
 
 _register_each(_funcs(["reshape", "view"]), _reshape_rule)
+
+
+def _reduction_rule(name: str) -> Callable[..., Any]:
+    """``sum``/``mean`` over ``dim``: the same reduction of the coefficients, dims shifted by one."""
+    general = linear(getattr(torch, name))
+
+    def rule(x: Any, *args: Any, **kwargs: Any) -> Any:
+        dim = args[0] if args else kwargs.get("dim")
+        keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+        dims = tuple(range(x.dim())) if dim is None or (isinstance(dim, (tuple, list)) and not dim) else (
+            (dim,) if isinstance(dim, int) else tuple(dim))
+        L = level_of(x, args, kwargs)
+        if len(args) > 2 or not is_jet(x, L) or x.dim() == 0 or not all(isinstance(d, int) for d in dims):
+            return general(x, *args, **kwargs)
+        y0 = getattr(torch, name)(x.primal, *args, **kwargs)
+        shifted = tuple(d % x.dim() + 1 for d in dims)
+        return Jet(y0, getattr(torch, name)(x.series, shifted, keepdim=keepdim, dtype=kwargs.get("dtype")), L)
+
+    return rule
+
+
+_register(_funcs(["sum"]), _reduction_rule("sum"))
+_register(_funcs(["mean"]), _reduction_rule("mean"))
 _register_each(_funcs(["pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                        "adaptive_avg_pool2d", "adaptive_avg_pool3d", "unfold", "fold",
                        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"], (F,)), linear)
