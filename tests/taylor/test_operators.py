@@ -162,13 +162,18 @@ def test_weighted_laplacian_is_trace_C_H(per_sample_factor):
     assert_close(laplacian(model, x, batch_dims=1, weighting=Fw, method="standard"), ref)
 
 
-def test_float32_laplacian():
+def test_float32_operators():
     model64, p = make_model("tanh", 4)
     model32, _ = make_model("tanh", 4, dtype=torch.float32)
     x = torch.randn(3, 4, dtype=torch.float64)
     got = laplacian(model32, x.float(), batch_dims=1)
     assert got.dtype == torch.float32
     assert_close(got.double(), laplacian(model64, x, batch_dims=1), rtol=1e-4)
+    got = bilaplacian(model32, x.float(), batch_dims=1)
+    assert got.dtype == torch.float32
+    assert_close(got.double(), bilaplacian(model64, x, batch_dims=1), rtol=1e-3)
+    got = mixed_partial(model32, x.float(), (1, 0, 2, 0), batch_dims=1)
+    assert_close(got.double(), mixed_partial(model64, x, (1, 0, 2, 0), batch_dims=1), rtol=1e-3)
 
 
 # -------------------------------------------------------------------------------- biharmonic
