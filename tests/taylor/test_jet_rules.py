@@ -90,6 +90,10 @@ PIECEWISE = {
     "max_min_dim": (lambda x: torch.max(x, 1).values + torch.min(x, 1)[0] + x.max(0, keepdim=True).values.sum(), (X,), 4),
     "max_all": (lambda x: x.max() + x.min() + torch.max(x, Y).sum(), (X,), 4),
     "amax": (lambda x: x.amax(1) + x.amin(-1), (X,), 4),
+    "sort_topk": (lambda x: x.sort(1).values[:, 0] + torch.sort(x, 0, descending=True)[0].sum(0)[:3] + x.topk(2).values.sum(1)
+                  + torch.topk(x, 2, dim=0, largest=False).values.sum(0)[:3], (X,), 4),
+    "cummax_kthvalue_median": (lambda x: torch.cummax(x, 1).values + x.cummin(dim=0)[0] + x.kthvalue(2, 1, keepdim=True).values
+                               + torch.median(x, 1, keepdim=True).values, (X,), 4),
 }
 
 LINEAR = {

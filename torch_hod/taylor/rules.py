@@ -502,6 +502,26 @@ for _nd in (1, 2, 3):
         # the public boolean_dispatch wrappers (return_indices is the 6th / 2nd positional argument)
         register_taylor_rule(getattr(F, f"{_kind}{_nd}d"), _max_pool_rule(_with, _nd, None, 5 if _kind == "max_pool" else 1))
 
+def _selection(name: str, dim_pos: int, default_dim: Optional[int]) -> Callable[..., Any]:
+    """``sort``/``topk``/``cummax``/``kthvalue``/…: the values are the entries of x at the primal's
+    indices (``gather``, linear); the indices are constants."""
+
+    def rule(x: Any, *args: Any, **kwargs: Any) -> Any:
+        res = getattr(torch, name)(value(x), *args, **kwargs)
+        if not isinstance(res, tuple):
+            raise NotImplementedError(f"torch_hod.taylor.jet: {name} without dim has no Taylor rule; pass dim")
+        dim = kwargs.get("dim", args[dim_pos] if len(args) > dim_pos else default_dim)
+        idx = res.indices if res.indices.dim() == x.dim() else res.indices.unsqueeze(dim)
+        vals = torch.gather(x, dim, idx)
+        return type(res)((vals if res.indices.dim() == x.dim() else vals.squeeze(dim), res.indices))
+
+    return rule
+
+
+for _name_, _pos, _default in (("sort", 0, -1), ("topk", 1, -1), ("cummax", 0, None), ("cummin", 0, None),
+                               ("kthvalue", 1, -1), ("median", 0, None), ("mode", 0, -1)):
+    _register(_funcs([_name_]), _selection(_name_, _pos, _default))
+
 _register(_funcs(["amax"]), _amax_rule("amax"))
 _register(_funcs(["amin"]), _amax_rule("amin"))
 
