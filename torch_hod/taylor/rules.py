@@ -503,7 +503,7 @@ for _nd in (1, 2, 3):
         register_taylor_rule(getattr(F, f"{_kind}{_nd}d"), _max_pool_rule(_with, _nd, None, 5 if _kind == "max_pool" else 1))
 
 def _selection(name: str, dim_pos: int, default_dim: Optional[int]) -> Callable[..., Any]:
-    """``sort``/``topk``/``cummax``/``kthvalue``/…: the values are the entries of x at the primal's
+    """``sort``/``topk``/``cummax``/``cummin``/``kthvalue``/``median``: the values are the entries of x at the primal's
     indices (``gather``, linear); the indices are constants."""
 
     def rule(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -519,7 +519,7 @@ def _selection(name: str, dim_pos: int, default_dim: Optional[int]) -> Callable[
 
 
 for _name_, _pos, _default in (("sort", 0, -1), ("topk", 1, -1), ("cummax", 0, None), ("cummin", 0, None),
-                               ("kthvalue", 1, -1), ("median", 0, None), ("mode", 0, -1)):
+                               ("kthvalue", 1, -1), ("median", 0, None)):
     _register(_funcs([_name_]), _selection(_name_, _pos, _default))
 
 _register(_funcs(["amax"]), _amax_rule("amax"))
