@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from jet_reference import assert_close, random_series
 from torch_hod.taylor import jet
 
-torch.set_default_dtype(torch.float64)
 torch.manual_seed(0)
+D = torch.float64
 
-_W = torch.randn(5, 4)
-_MLP = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.GELU(), nn.LayerNorm(3))
-_CONV = nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(8, 2))
+_W = torch.randn(5, 4, dtype=D)
+_MLP = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.GELU(), nn.LayerNorm(3)).double()
+_CONV = nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(8, 2)).double()
 
 FUNCS = {
     "elementwise_linear_mul": (lambda x: torch.exp(torch.sin(x)) * F.linear(x, _W)[..., :4] + x / (2 + x * x), 1),
@@ -26,7 +26,7 @@ FUNCS = {
 
 
 def _inputs(n):
-    return (torch.randn(2, 4), _W.clone())[:n]
+    return (torch.randn(2, 4, dtype=D), _W.clone())[:n]
 
 
 @pytest.mark.parametrize("K", [1, 3, 5])
@@ -55,8 +55,8 @@ def test_directions_equal_loop_and_collapse_equals_sum(name, K):
 def test_undirected_coefficients_are_shared():
     """A coefficient without the direction axis is the same for every direction."""
     f, _ = FUNCS["elementwise_linear_mul"]
-    x = torch.randn(2, 4)
-    v, a = torch.randn(3, 2, 4), torch.randn(2, 4)
+    x = torch.randn(2, 4, dtype=D)
+    v, a = torch.randn(3, 2, 4, dtype=D), torch.randn(2, 4, dtype=D)
     _, ys = jet(f, (x,), [[v, a]])
     _, ys_full = jet(f, (x,), [[v, a.expand(3, 2, 4)]])
     for y, z in zip(ys, ys_full):
@@ -65,16 +65,16 @@ def test_undirected_coefficients_are_shared():
 
 def test_collapsed_laplacian_equals_hessian_trace():
     """Σ_i ∂²f/∂x_i² from directions e_i with a collapsed (zero) second coefficient."""
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, dtype=D)
     d = x.shape[1]
-    E = torch.eye(d).unsqueeze(1).expand(d, 3, d)
+    E = torch.eye(d, dtype=D).unsqueeze(1).expand(d, 3, d)
     _, (_, lap) = jet(_MLP, (x,), [[E, torch.zeros_like(x)]], collapse=True)
     H = torch.func.vmap(torch.func.jacrev(torch.func.jacrev(lambda xi: _MLP(xi))))(x)  # (3, out, d, d)
     assert_close(lap, H.diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)
 
 
 def test_no_direction_axis_outputs_unbatched():
-    x = torch.randn(4)
-    y0, ys = jet(torch.sin, (x,), [[torch.ones(4), torch.zeros(4)]], collapse=True)
+    x = torch.randn(4, dtype=D)
+    y0, ys = jet(torch.sin, (x,), [[torch.ones(4, dtype=D), torch.zeros(4, dtype=D)]], collapse=True)
     assert ys[0].shape == (4,) and ys[1].shape == (4,)
     assert_close(ys[1], -torch.sin(x), 1e-14)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_hod
 from jet_reference import check_jet
 
-torch.set_default_dtype(torch.float64)
+D = torch.float64
 
 
 def rnd(*shape, seed=0, low=-2.0, high=2.0):
@@ -256,10 +256,10 @@ def test_batch_norm_training_against_composite():
         var = ((x - mu) ** 2).mean((0, 2), keepdim=True)
         return (x - mu) / torch.sqrt(var + 1e-5) * P[0, :3, None] + Y[0, :3, None]
 
-    rm, rv = torch.zeros(3), torch.ones(3)
+    rm, rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
     check_jet(lambda x: F.batch_norm(x, rm.clone(), rv.clone(), P[0, :3], Y[0, :3], training=True), (x,), 5, reference=ref)
     # running statistics updated from the primal exactly as PyTorch does
-    torch_rm, torch_rv = torch.zeros(3), torch.ones(3)
+    torch_rm, torch_rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
     F.batch_norm(x, torch_rm, torch_rv, training=True, momentum=0.2)
     from torch_hod.taylor import jet
 

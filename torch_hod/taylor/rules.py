@@ -415,7 +415,7 @@ _register(_funcs(["relu"]), _relu)
 register_taylor_rule(F.relu, _inplace_ok(_relu))
 register_taylor_rule(F.relu6, _inplace_ok(lambda x: torch.clamp(x, 0.0, 6.0)))
 register_taylor_rule(F.leaky_relu, _inplace_ok(_masked(
-    F.leaky_relu, lambda x, negative_slope=0.01: torch.where(x > 0, 1.0, negative_slope).to(x.dtype))))
+    F.leaky_relu, lambda x, negative_slope=0.01: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, negative_slope)))))
 _register(_funcs(["abs", "absolute", "__abs__"]), _masked(torch.abs, lambda x: torch.sign(x)))
 
 
