@@ -128,6 +128,9 @@ LINEAR = {
     "max_pool": (lambda x: F.max_pool2d(x.reshape(1, 1, 3, 4), 2, stride=1) .sum() + F.max_pool1d(x[None], 2)
                  + F.adaptive_max_pool2d(x.reshape(1, 3, 4), (1, 2)).sum(), (X,), 4),
     "max_pool_indices": (lambda x: F.max_pool2d(x.reshape(1, 1, 3, 4), 2, padding=1, return_indices=True)[0], (X,), 3),
+    "interpolate": (lambda x: F.interpolate(x.reshape(1, 3, 4), scale_factor=2, mode="linear").sum(1)
+                    + F.interpolate(x.reshape(1, 1, 3, 4), size=(4, 5), mode="bilinear", align_corners=True).sum()
+                    + F.interpolate(x.reshape(1, 1, 3, 4), scale_factor=2).mean(), (X,), 3),
     "pad_pool": (lambda x: F.avg_pool2d(F.pad(x.reshape(1, 1, 3, 4), (1, 1, 1, 0)), 2) + F.adaptive_avg_pool2d(x.reshape(1, 1, 3, 4), 1).sum(), (X,), 3),
     "to_dtype": (lambda x: x.float().double() * 0 + x.to(torch.float64) + x.type_as(Y), (X,), 3),
 }

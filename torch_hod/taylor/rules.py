@@ -153,7 +153,7 @@ def _reduction_rule(name: str) -> Callable[..., Any]:
 _register(_funcs(["sum"]), _reduction_rule("sum"))
 _register(_funcs(["mean"]), _reduction_rule("mean"))
 _register_each(_funcs(["pad", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-                       "adaptive_avg_pool2d", "adaptive_avg_pool3d", "unfold", "fold",
+                       "adaptive_avg_pool2d", "adaptive_avg_pool3d", "unfold", "fold", "interpolate", "upsample",
                        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"], (F,)), linear)
 # jointly linear in several arguments: constants there carry zero coefficients
 _register_each(_funcs(["cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"]),
