@@ -168,6 +168,16 @@ def test_torch_func_grad_around_jet():
     assert_close(torch.func.grad(third)(x), expected, 1e-12)
 
 
+def test_vmap_around_jet():
+    W = torch.randn(2, 3, dtype=torch.float64)
+    v = torch.randn(3, dtype=torch.float64)
+    f = lambda t: F.linear(torch.tanh(t), W).softmax(-1) * t.sum()
+    xs = torch.randn(4, 3, dtype=torch.float64)
+    got = torch.vmap(lambda x: jet(f, (x,), [[v, v]])[1][1])(xs)
+    expected = torch.stack([curve_derivatives(f, (x,), [[v, v]], 2)[1] for x in xs])
+    assert_close(got, expected, 1e-12)
+
+
 def test_nested_jets_no_perturbation_confusion():
     """d/dx [x · d/dy (x + y)] = 1, not 2."""
     one = torch.ones((), dtype=torch.float64)
