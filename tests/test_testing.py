@@ -159,6 +159,8 @@ def test_float32_with_tolerances_from_eps(device):
     assert not {"gradcheck", "gradgradcheck"} & {r.mode for r in report}  # float64 only
     assert max(r.max_rel for r in report) > 1e-10  # float32 really ran in float32 (vs a float64 reference)
     assert tolerances(torch.float64) == (1e-10, 1e-12)
+    with pytest.raises(AssertionError, match=r"inputs are torch.float32: is rtol right for the dtype\? see torch_hod.testing.tolerances"):
+        check_op(torch.tanh, tanh_composite, (x32,), order=1, modes=["reverse"])  # float64 tolerances
 
 
 # --- (a) forward-over-forward of a naive Function --------------------------------------------

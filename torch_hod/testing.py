@@ -559,6 +559,10 @@ def _failure_message(report: CheckReport, inputs: Tuple[Any, ...], argnums: Tupl
     failed = report.failures
     shapes = ", ".join(f"{tuple(inputs[i].shape)} {inputs[i].dtype}" for i in argnums)
     head = f"check_op({report.op_name}) failed {len(failed)} of {len(report)} checks (differentiated inputs: {shapes})"
+    low = sorted({str(inputs[i].dtype) for i in argnums if inputs[i].dtype != torch.float64})
+    rels = [r.max_rel for r in failed if not math.isnan(r.max_rel)]
+    if low and rels and max(rels) < 1e-2:  # small errors in low precision: a tolerance question
+        head += f"\n(inputs are {', '.join(low)}: is rtol right for the dtype? see torch_hod.testing.tolerances)"
     zero_orders = sorted({r.order for r in failed if r.silent_zero})
     if zero_orders:
         head += f"\nSILENT ZERO: the op gives exactly 0 where the reference does not, at orders {zero_orders}"
