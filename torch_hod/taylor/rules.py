@@ -573,6 +573,8 @@ def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
     if is_jet(weight, L):
         y = torch.matmul(input, weight.transpose(-1, -2))
         return y if bias is None else y + bias
+    if not is_jet(input, L):  # only the bias carries a series: x Wᵀ is a constant term
+        return F.linear(input, weight) + bias
     if not is_jet(bias, L):  # the leading coefficient axis is one more batch dim of F.linear
         return Jet(F.linear(input.primal, weight, bias), F.linear(input.series, weight), L)
     return _linear_const(input, weight, bias)
@@ -625,9 +627,12 @@ def _conv_rule(conv: Any, ndim: int) -> Callable[..., Any]:
 
     def rule(input: Any, weight: Any, bias: Any = None, *args: Any, **kwargs: Any) -> Any:
         L = level_of(input, weight, bias)
-        if not is_jet(weight, L):
+        if is_jet(input, L) and not is_jet(weight, L):
             return lin(input, weight, bias, *args, **kwargs)
-        y = bilinear(lambda a, w: conv(a, w, None, *args, **kwargs), input, weight)
+        if is_jet(weight, L):
+            y = bilinear(lambda a, w: conv(a, w, None, *args, **kwargs), input, weight)
+        else:  # only the bias carries a series: conv(x, W) is a constant term
+            y = conv(input, weight, None, *args, **kwargs)
         if bias is None:
             return y
         return y + bias.reshape((-1,) + (1,) * ndim)
