@@ -146,12 +146,10 @@ def cmd_ops(args: argparse.Namespace) -> int:
         for name, op in sorted(OPS.items())
     ]
     print(markdown_table(rows, list(rows[0])))
-    try:
-        from torch_hod.taylor import supported_functions
-    except ImportError:
-        return 0
-    names = sorted(supported_functions())
-    print(f"\nTaylor mode knows {len(names)} torch functions:\n" + ", ".join(names))
+    from torch_hod.taylor.registry import supported_functions
+
+    names = supported_functions()
+    print(f"\nTaylor mode has rules for {len(names)} functions:\n" + ", ".join(names))
     return 0
 
 

@@ -45,6 +45,27 @@ def taylor_rule_for(func: Any) -> Optional[Callable[..., Any]]:
     return _TAYLOR_RULES.get(func)
 
 
+def supported_functions() -> list:
+    """Readable names of every function with a Taylor rule (``torch.tanh``, ``Tensor.__getitem__``,
+    ``torch_hod.ops.layer_norm``, ...), sorted."""
+
+    def name(func: Any) -> str:
+        module = getattr(func, "__module__", None) or ""
+        qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+        if module.startswith("torch_hod.ops"):
+            module = "torch_hod.ops"
+        elif module.startswith("torch.nn.functional") or module == "torch._C._nn":
+            module = "torch.nn.functional"
+        elif module.startswith("torch") and not qualname.startswith(("Tensor", "_TensorBase", "TensorBase")):
+            module = "torch"
+        for base in ("_TensorBase.", "TensorBase."):
+            if qualname.startswith(base):
+                return "Tensor." + qualname[len(base):]
+        return f"{module}.{qualname}" if module else qualname
+
+    return sorted({name(func) for func in _TAYLOR_RULES})
+
+
 def elementwise_rule(f: Callable[..., Any], df: Callable[..., Any]) -> Callable[..., Any]:
     """Rule for an elementwise ``y = f(x, *params)`` from its derivative ``df(x, *params)``.
 
