@@ -9,14 +9,13 @@
   :func:`bilaplacian`, :func:`mixed_partial`: Taylor mode.
 * :mod:`torch_hod.testing`: the validation harness :func:`~torch_hod.testing.check_op`.
 """
-from torch_hod import curvature, nn, ops, taylor
+from torch_hod import curvature, nn, ops, taylor, testing
 from torch_hod.hvp import hessian, hvp, hvp_batched, vhp
-from torch_hod.taylor import Jet, jet, register_taylor_rule
-from torch_hod.taylor.operators import bilaplacian, derivatives, laplacian, mixed_partial
+from torch_hod.taylor import Jet, bilaplacian, derivatives, jet, laplacian, mixed_partial, register_taylor_rule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "nn", "curvature", "taylor", "hvp", "hvp_batched", "vhp", "hessian", "jet", "Jet",
+    "ops", "nn", "curvature", "taylor", "testing", "hvp", "hvp_batched", "vhp", "hessian", "jet", "Jet",
     "register_taylor_rule", "derivatives", "laplacian", "bilaplacian", "mixed_partial",
 ]

@@ -7,5 +7,9 @@ rule table of torch functions and :mod:`~torch_hod.taylor.registry` the table it
 from torch_hod.taylor.registry import register_taylor_rule, taylor_rule_for
 from torch_hod.taylor.engine import Jet, jet
 from torch_hod.taylor import rules as _rules  # noqa: F401  (fills the rule table)
+from torch_hod.taylor.operators import bilaplacian, derivatives, interpolation_weights, laplacian, mixed_partial
 
-__all__ = ["jet", "Jet", "register_taylor_rule", "taylor_rule_for"]
+__all__ = [
+    "jet", "Jet", "register_taylor_rule", "taylor_rule_for",
+    "derivatives", "laplacian", "bilaplacian", "mixed_partial", "interpolation_weights",
+]
