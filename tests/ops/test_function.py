@@ -357,3 +357,30 @@ def test_two_input_higher_order_function(device):
     report = check_op(mul, torch.mul, (torch.sin(x), y), order=3)
     assert {"forward", "taylor", "hessian"} <= {row.mode for row in report}
     check_op(lambda x, y: mul(torch.sin(x), y), lambda x, y: torch.sin(x) * y, (x, y), order=3)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "elu", "softplus"])
+def test_fused_first_order_kernel_only_when_nothing_differentiates(name):
+    """The fused ATen backward runs for a plain backward; with a forward-mode tangent (plain
+    forward_ad, no create_graph) the differentiable composite must run instead (silu_backward has
+    no forward AD, so taking the fused path would raise)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    from torch_hod import ops
+
+    op, ref = getattr(ops, name), getattr(F, name)
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(6, dtype=torch.float64)
+    (g,) = torch.autograd.grad(op(x).sum(), x)
+    (g_ref,) = torch.autograd.grad(ref(x).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=0)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, v)
+        (g_dual,) = torch.autograd.grad(op(dual).sum(), dual)
+        hv = fwAD.unpack_dual(g_dual).tangent
+    xr = x.detach().requires_grad_()
+    (d,) = torch.autograd.grad(ref(xr).sum(), xr, create_graph=True)
+    (hv_ref,) = torch.autograd.grad((d * v).sum(), xr)
+    assert hv_ref.abs().max() > 0
+    torch.testing.assert_close(hv, hv_ref, rtol=1e-10, atol=1e-12)

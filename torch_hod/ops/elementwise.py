@@ -3,9 +3,10 @@
 Each op is ``elementwise_op(name, f, f')``: the forward, its derivative ``f'`` written in
 differentiable torch ops (which gives every higher derivative and the Taylor rule), and where it
 pays, a fused ATen kernel for ``v · f'(x)`` (``tanh_backward`` etc. are themselves differentiable to
-every order, support forward AD and vmap). Derivatives are kept finite for large ``|x|``: every
-formula avoids ``inf · 0`` (e.g. ``exp`` is evaluated on ``min(x, 0)`` where only that branch is
-used).
+every order, support forward AD and vmap). A plain first-order backward (nothing will
+differentiate its result) of softplus, gelu, silu and elu runs ATen's fused ``*_backward`` kernel.
+Derivatives are kept finite for large ``|x|``: every formula avoids ``inf · 0`` (e.g. ``exp`` is
+evaluated on ``min(x, 0)`` where only that branch is used).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ softplus = elementwise_op(
     lambda x, beta, threshold: F.softplus(x, beta, threshold),
     lambda x, beta, threshold: torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta)),
     params={"beta": 1.0, "threshold": 20.0}, check=_check_positive("softplus", "beta"),
+    fused_vjp=lambda g, x, beta, threshold: aten.softplus_backward(g, x, beta, threshold),
     register=True,
     doc="softplus(x) = log(1 + e^{βx})/β (linear where βx > threshold); softplus' = σ(βx).",
 )
@@ -97,6 +99,7 @@ gelu = elementwise_op(
     lambda x, approximate: F.gelu(x, approximate=approximate),
     _gelu_derivative,
     params={"approximate": "none"}, check=_check_approximate, register=True,
+    fused_vjp=lambda g, x, approximate: aten.gelu_backward(g, x, approximate=approximate),
     doc="gelu(x) = x Φ(x) (or its tanh approximation); gelu' = Φ(x) + x φ(x).",
 )
 
@@ -105,6 +108,7 @@ silu = elementwise_op(
     lambda x, inplace: F.silu(x),
     lambda x, inplace: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))),
     params={"inplace": False}, check=_check_not_inplace("silu"), register=True,
+    fused_vjp=lambda g, x, inplace: aten.silu_backward(g, x),
     doc="silu(x) = x σ(x); silu' = σ(x)(1 + x(1 − σ(x))). ``inplace`` must be False.",
 )
 
@@ -113,6 +117,7 @@ elu = elementwise_op(
     lambda x, alpha, inplace: F.elu(x, alpha),
     lambda x, alpha, inplace: torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(torch.clamp(x, max=0))),
     params={"alpha": 1.0, "inplace": False}, check=_check_not_inplace("elu"), register=True,
+    fused_vjp=lambda g, x, alpha, inplace: aten.elu_backward(g, alpha, 1, 1, False, x),
     doc="elu(x) = x (x > 0), α(eˣ − 1) (x ≤ 0); elu' = 1 or α eˣ. ``inplace`` must be False.",
 )
 

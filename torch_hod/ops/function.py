@@ -44,6 +44,7 @@ __all__ = [
     "elementwise_op",
     "require_float",
     "require_floats",
+    "records_nothing",
 ]
 
 #: Every public torch_hod op, by name (filled by :func:`public_op`).
@@ -83,6 +84,19 @@ def _primal(t: Tensor) -> Tensor:
         inner, batch_dim = _unwrap_batched(t, level)
         return _add_batch_dim(_primal(inner), batch_dim, level)
     return unpack_dual(t).primal
+
+
+def _has_tangent(t: Tensor) -> bool:
+    if is_batchedtensor(t):
+        return _has_tangent(_unwrap_batched(t, maybe_get_level(t))[0])
+    return unpack_dual(t).tangent is not None
+
+
+def records_nothing(*tensors: Optional[Tensor]) -> bool:
+    """True when a backward's result will not be differentiated: grad mode is off (no
+    ``create_graph``) and no tensor carries a forward-mode tangent. Only then may a backward use a
+    fused first-order kernel whose own derivatives are incomplete (PyTorch's own pattern)."""
+    return not torch.is_grad_enabled() and not any(t is not None and _has_tangent(t) for t in tensors)
 
 
 def saved_primals(ctx: Any) -> Tuple[Tensor, ...]:
@@ -153,6 +167,7 @@ def elementwise_op(
     check: Optional[Callable[..., None]] = None,
     df_from_output: Optional[Callable[..., Tensor]] = None,
     times_derivative: Optional[Callable[..., Tensor]] = None,
+    fused_vjp: Optional[Callable[..., Tensor]] = None,
     register: bool = False,
     doc: Optional[str] = None,
 ) -> Callable[..., Tensor]:
@@ -172,7 +187,9 @@ def elementwise_op(
     the op saves only its output and uses it for backward and tangent (tanh: ``f' = 1 − y²``).
     ``times_derivative(v, saved, *params)`` may give a fused kernel for ``v · f'(x)`` (``saved`` is
     ``y`` if ``df_from_output`` is given, else ``x``), e.g. ATen's ``tanh_backward``, which is
-    itself differentiable to every order. ``register=True`` lists the op in :data:`OPS`.
+    itself differentiable to every order. ``fused_vjp(ȳ, saved, *params)`` may give a faster
+    first-order kernel (e.g. ``gelu_backward``) used only when nothing will differentiate the
+    backward (:func:`records_nothing`). ``register=True`` lists the op in :data:`OPS`.
 
     Example::
 
@@ -219,6 +236,8 @@ def elementwise_op(
         @staticmethod
         def backward(ctx: Any, grad: Tensor) -> Any:
             (keep,) = ctx.saved_tensors
+            if fused_vjp is not None and records_nothing(grad, keep):
+                return (fused_vjp(grad, keep, *ctx.params),) + (None,) * len(ctx.params)
             return (scale(grad, keep, ctx.params),) + (None,) * len(ctx.params)
 
         @staticmethod
