@@ -173,8 +173,7 @@ MODEL_COLUMNS = ["model", "fwd+bwd ratio", "HVP time ratio", "HVP memory ratio",
 
 def report(results: Dict[str, List[Dict[str, Any]]], device: str) -> str:
     return "\n\n".join([
-        f"Machine: {machine_description(device)}",
-        "Ops (ratios torch_hod / built-in; times in s, memory in bytes)",
+        "## Ops: torch_hod vs built-in (ratios torch_hod / built-in; times in s, memory in bytes)",
         markdown_table(results["ops"], OP_COLUMNS),
         "Models converted with torch_hod.nn.convert vs torch.nn",
         markdown_table(results["models"], MODEL_COLUMNS),
@@ -186,6 +185,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    print(f"Machine: {machine_description(args.device)}\n")
     print(report(run(args.quick, args.device), args.device))
 
 

@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import torch
 
@@ -58,6 +58,20 @@ def measure_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2, de
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop notices (written to file descriptor 2)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory(fn: Callable[[], Any], *, device: str = "cpu") -> int:
     """Peak bytes allocated by torch while ``fn()`` runs, above the bytes live when it starts."""
     if str(device).startswith("cuda"):
@@ -69,10 +83,8 @@ def peak_memory(fn: Callable[[], Any], *, device: str = "cpu") -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    # The profiler prints start/stop notices on some builds; keep reports clean.
-    with contextlib.redirect_stdout(io.StringIO()):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
