@@ -58,9 +58,9 @@ def supported_functions() -> list:
             module = "torch.nn.functional"
         elif module.startswith("torch") and not qualname.startswith(("Tensor", "_TensorBase", "TensorBase")):
             module = "torch"
-        for base in ("_TensorBase.", "TensorBase."):
+        for base, shown in (("_TensorBase.", "Tensor."), ("TensorBase.", "Tensor."), ("_VariableFunctionsClass.", "torch.")):
             if qualname.startswith(base):
-                return "Tensor." + qualname[len(base):]
+                return shown + qualname[len(base):]
         return f"{module}.{qualname}" if module else qualname
 
     return sorted({name(func) for func in _TAYLOR_RULES})
