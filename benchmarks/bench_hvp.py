@@ -228,6 +228,39 @@ def run(quick: bool = False, device: str = "cpu") -> List[Dict[str, Any]]:
     return rows + peaks
 
 
+def plot(rows: List[Dict[str, Any]], out: Any) -> List[str]:
+    """PNG: HVP time and peak memory as multiples of one gradient, per problem and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    timed = [r for r in rows if "time_ratio" in r and r["method"] != "gradient"]
+    if not timed:
+        return []
+    groups = list(dict.fromkeys((r["problem"], r["variant"]) for r in timed))
+    methods = list(dict.fromkeys(r["method"] for r in timed))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(methods)
+    for ax, key, label in ((axes[0], "time_ratio", "time / one gradient"), (axes[1], "mem_ratio", "peak memory / one gradient")):
+        for i, method in enumerate(methods):
+            values = [next((r[key] for r in timed if (r["problem"], r["variant"]) == g and r["method"] == method), 0.0)
+                      for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], values, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([f"{p}\n{v}" for p, v in groups], fontsize=7)
+        ax.set_ylabel(label)
+        ax.axhline(1.0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Hessian-vector product cost relative to one gradient")
+    fig.tight_layout()
+    path = Path(out) / "hvp_cost_vs_gradient.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
+
+
 def report(rows: List[Dict[str, Any]], device: str = "cpu") -> str:
     cols = ["problem", "variant", "method", "time_ms", "best_ms", "time_ratio", "peak_MB", "mem_ratio", "rel_err", "error"]
     timings = [r for r in rows if "peak_fraction" not in r]

@@ -156,7 +156,41 @@ def run(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.flo
     return rows
 
 
-def report(rows: List[Dict[str, Any]], device: str, quick: bool) -> str:
+def plot(rows: List[Dict[str, Any]], out: Any) -> List[str]:
+    """PNG plots: time vs derivative order (log scale) and Laplacian time vs input dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    paths = []
+    for table, xlabel, fname in (("directional", "derivative order K", "taylor_time_vs_order.png"),
+                                 ("laplacian", "input dimension D", "laplacian_time_vs_dimension.png")):
+        chosen = [r for r in rows if r.get("table") == table]
+        if not chosen:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in dict.fromkeys(r["model"] for r in chosen):
+            for method in dict.fromkeys(r["method"] for r in chosen):
+                pts = [(int(r["case"].split("=")[1]), r["time_ms"]) for r in chosen
+                       if r["model"] == model and r["method"] == method]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{method} ({model})")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("median time [ms]")
+        ax.set_title("K-th directional derivative" if table == "directional" else "exact Laplacian, per sample")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out) / fname
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def report(rows: List[Dict[str, Any]], device: str, quick: bool = False) -> str:
     size = "width 32, N=8 (--quick)" if quick else "width 256, N=256"
     head = f"Taylor-mode benchmark, MLP D→{size}; {machine_description(device)}"
     return head + "\n\n" + markdown_table(rows, COLUMNS)

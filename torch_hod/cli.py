@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import inspect
 import json
 import sys
 import time
@@ -108,7 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continue
         print(f"[{index}/{len(names)}] {name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if hasattr(module, "report"):
-            print(module.report(results, args.device) + "\n")
+            accepts_quick = "quick" in inspect.signature(module.report).parameters
+            text = module.report(results, args.device, quick=args.quick) if accepts_quick else module.report(results, args.device)
+            print(text + "\n", flush=True)
         tables = _as_tables(name, results)
         everything["tables"].update(tables)
         for table, rows in tables.items():
