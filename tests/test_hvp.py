@@ -259,3 +259,8 @@ def test_layer_norm_op_in_every_mode(mode):
     _, hv = hvp(f, (x, w, b), tangents, mode=mode)
     _, ref = torch.autograd.functional.hvp(composite, (x, w, b), tangents)
     close(torch.cat([h.reshape(-1) for h in hv]), torch.cat([r.reshape(-1) for r in ref]))
+
+
+def test_hessian_of_empty_primals_is_rejected():
+    with pytest.raises(ValueError, match="no elements"):
+        torch_hod.hessian(lambda x: x.sum(), (torch.zeros(0, dtype=torch.float64),))

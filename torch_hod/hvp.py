@@ -288,6 +288,8 @@ def hessian(func: Callable[..., Tensor], primals: Sequence[Any], *, mode: str = 
     _check_primals(primals, "torch_hod.hessian")
     leaves, spec = tree_flatten(tuple(primals))
     n = sum(p.numel() for p in leaves)
+    if n == 0:
+        raise ValueError("torch_hod.hessian: the primals have no elements (n = 0)")
     eye = torch.eye(n, dtype=leaves[0].dtype, device=leaves[0].device)
     cols, start = [], 0
     for p in leaves:

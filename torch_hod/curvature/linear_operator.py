@@ -92,11 +92,13 @@ class LinearOperator:
 
 
 class CallableOperator(LinearOperator):
-    """Wrap a function ``v ↦ A v`` (shape ``(n,)`` to ``(n,)``) as a :class:`LinearOperator`."""
+    """Wrap a function ``v ↦ A v`` (shape ``(n,)`` to ``(n,)``) as a :class:`LinearOperator`;
+    ``dtype`` and ``device`` of its vectors default to torch's defaults."""
 
-    def __init__(self, matvec: Callable[[Tensor], Tensor], size: int, dtype: torch.dtype = torch.float32,
-                 device: Any = "cpu") -> None:
-        super().__init__(size, dtype, device)
+    def __init__(self, matvec: Callable[[Tensor], Tensor], size: int, dtype: Optional[torch.dtype] = None,
+                 device: Any = None) -> None:
+        super().__init__(size, torch.get_default_dtype() if dtype is None else dtype,
+                         torch.get_default_device() if device is None else device)
         self._fn = matvec
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -120,7 +122,8 @@ class DenseOperator(LinearOperator):
 
 
 def as_linear_operator(A: Any, size: Optional[int] = None) -> LinearOperator:
-    """Accept a :class:`LinearOperator`, a square matrix, or a matvec callable (with ``size``)."""
+    """Accept a :class:`LinearOperator`, a square matrix, or a matvec callable (with ``size``; its
+    vectors in torch's default dtype and device, or wrap it in :class:`CallableOperator`)."""
     if isinstance(A, LinearOperator):
         return A
     if isinstance(A, Tensor):

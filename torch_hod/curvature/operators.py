@@ -170,6 +170,9 @@ class _ModelOperator(LinearOperator):
         local = sum(_batch_size(X) for X, _ in self.data)
         #: Total number of samples, summed over ranks.
         self.num_data = int(all_reduce_sum(local))
+        if self.num_data == 0:
+            raise ValueError(f"{who}: the data holds no samples (every batch is empty); the curvature of an "
+                             "empty data set is undefined")
         first = next(iter(self.params.values()))
         super().__init__(sum(p.numel() for p in self.params.values()), first.dtype, first.device)
 

@@ -171,6 +171,8 @@ class NewtonCG(torch.optim.Optimizer):
 
     def _step_group(self, group: dict, closure: Callable[[], Tensor]) -> dict:
         params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("NewtonCG: a parameter group has no parameter that requires grad")
         if len({p.dtype for p in params}) > 1 or len({p.device for p in params}) > 1:
             raise TypeError("NewtonCG: all parameters of a group must share one dtype and device, got "
                             f"{sorted({str(p.dtype) for p in params})} on {sorted({str(p.device) for p in params})}")
