@@ -32,3 +32,39 @@ def test_newton_cg_group_without_trainable_parameters():
     opt = NewtonCG([frozen])
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         opt.step(lambda: (frozen + 1).pow(2).sum())
+
+
+def _linear_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3).double()
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 0, 1])
+    return model, X, y
+
+
+@pytest.mark.parametrize("Op", [HessianOperator, GGNOperator])
+def test_weighted_mean_over_several_batches_is_rejected(Op):
+    model, X, y = _linear_problem()
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    y_ignored = y.clone()
+    y_ignored[4] = -100
+    for loss_fn, target in ((weighted, y), (torch.nn.CrossEntropyLoss(), y_ignored)):
+        # before: the n_b/N weighting gave a silently wrong operator (off by 5-14% of its largest entry)
+        with pytest.raises(ValueError, match="weight|ignore_index"):
+            Op(model, loss_fn, [(X[:2], target[:2]), (X[2:], target[2:])])
+        # one batch is exact; for a linear model the GGN equals the Hessian (reverse-over-reverse)
+        loss_flat = lambda t: loss_fn(torch.nn.functional.linear(X, t[:9].reshape(3, 3), t[9:]), target)  # noqa: E731
+        ref = torch.autograd.functional.hessian(loss_flat, theta)
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(Op(model, loss_fn, [(X, target)]).dense(), ref, rtol=1e-10, atol=1e-12)
+    # sum reduction over batches stays allowed (and equals the one-batch sum)
+    summed = torch.nn.CrossEntropyLoss(weight=weighted.weight, reduction="sum")
+    torch.testing.assert_close(Op(model, summed, [(X[:2], y[:2]), (X[2:], y[2:])]).dense(),
+                               Op(model, summed, [(X, y)]).dense(), rtol=1e-10, atol=1e-12)
+
+
+def test_empirical_fisher_rejects_weighted_mean():
+    model, X, y = _linear_problem()
+    # per sample a weighted mean is w·l/w = l (the weight cancels), an ignored target 0/0
+    with pytest.raises(ValueError, match="weight"):
+        EmpiricalFisherOperator(model, torch.nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), [(X, y)])

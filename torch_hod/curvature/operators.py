@@ -13,6 +13,9 @@ For a model ``f(x; θ)``, a loss ``ℓ(f(x; θ), y)`` and data ``D`` of ``N`` sa
 Weights: with ``reduction="mean"`` (``loss_fn`` averages over the batch) ``w_b = n_b / N`` and
 ``c = 1/N``, so any batching, unequal batch sizes included, equals the full-batch mean loss; with
 ``reduction="sum"`` ``w_b = 1`` and ``c = 1``. ``reduction`` defaults to ``loss_fn.reduction``.
+A mean normalised by target weights (a loss with class ``weight``, or targets equal to its
+``ignore_index``) is not such a weighted mean of batch means: it is accepted only as one batch
+(never by :class:`EmpiricalFisherOperator`); use ``reduction="sum"`` otherwise.
 
 Data is a list/tuple of ``(X, y)`` batches (``X`` a tensor, or a tuple of tensors passed as
 ``model(*X)``), a single ``(X, y)`` pair of tensors, or a ``DataLoader`` that does not shuffle: every
@@ -147,6 +150,19 @@ def _infer_reduction(loss_fn: Callable, reduction: Optional[str], who: str) -> s
     return reduction
 
 
+def _weighted_mean(loss_fn: Callable, reduction: str, y: Any) -> str:
+    """Why a ``reduction="mean"`` loss divides by a sum of target weights rather than the batch size
+    (class ``weight``, targets equal to ``ignore_index``), or ``""``."""
+    if reduction != "mean":
+        return ""
+    if getattr(loss_fn, "weight", None) is not None:
+        return "class weights (weight=...)"
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if isinstance(ignore, int) and isinstance(y, Tensor) and not y.dtype.is_floating_point and bool((y == ignore).any()):
+        return f"targets equal to ignore_index={ignore}"
+    return ""
+
+
 def _batch_size(X: Any) -> int:
     return (X[0] if isinstance(X, (list, tuple)) else X).shape[0]
 
@@ -167,14 +183,28 @@ class _ModelOperator(LinearOperator):
         self.data = _check_data(data, who)
         self.reduction = _infer_reduction(loss_fn, reduction, who)
         self._check_modules(who)
-        local = sum(_batch_size(X) for X, _ in self.data)
+        sizes = [(_batch_size(X), _weighted_mean(loss_fn, self.reduction, y)) for X, y in self.data]
         #: Total number of samples, summed over ranks.
-        self.num_data = int(all_reduce_sum(local))
+        self.num_data = int(all_reduce_sum(sum(n for n, _ in sizes)))
+        self._check_weighted_mean(next((w for _, w in sizes if w), ""), len(sizes), who)
         if self.num_data == 0:
             raise ValueError(f"{who}: the data holds no samples (every batch is empty); the curvature of an "
                              "empty data set is undefined")
         first = next(iter(self.params.values()))
         super().__init__(sum(p.numel() for p in self.params.values()), first.dtype, first.device)
+
+    #: How many batches (over all ranks) a mean loss normalised by target weights may span.
+    _max_weighted_batches = 1
+
+    def _check_weighted_mean(self, why: str, num_batches: int, who: str) -> None:
+        """A mean normalised by a sum of target weights (class ``weight``, ``ignore_index``) is not
+        the ``n_b/N``-weighted mean of batch means: reject it over several batches (ranks included)."""
+        flagged, num_batches = int(all_reduce_sum(int(bool(why)))), int(all_reduce_sum(num_batches))
+        if flagged and num_batches > self._max_weighted_batches:
+            raise ValueError(f"{who}: loss_fn averages over the batch with {why or 'target weights (on another rank)'}, "
+                             "so the mean over the data is not the n_b/N-weighted mean of per-batch losses; "
+                             + ("use a loss_fn with reduction='sum'" if self._max_weighted_batches == 0 else
+                                "pass the data as one batch, or use a loss_fn with reduction='sum'"))
 
     def _check_modules(self, who: str) -> None:
         if self.train_mode:
@@ -291,6 +321,9 @@ class EmpiricalFisherOperator(_ModelOperator):
         if self.train_mode and any(isinstance(m, nn.modules.batchnorm._NormBase) for m in self.model.modules()):
             raise ValueError(f"{who}: per-sample gradients are undefined with BatchNorm on batch statistics "
                              "(train_mode=True); use train_mode=False")
+
+    # per sample, a weighted mean is w ℓ / w = ℓ (the weight cancels) and an ignored target 0/0
+    _max_weighted_batches = 0
 
     def _weight(self, n_batch: int) -> float:
         return 1.0 / self.num_data if self.reduction == "mean" else 1.0
