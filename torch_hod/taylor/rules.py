@@ -6,7 +6,8 @@
   ``cat``/``stack``, ``F.linear``/``matmul``/``einsum``/``conv`` with a constant operand, ``add``);
 * bilinear: Cauchy products (``mul``, ``matmul``/``linear``/``einsum``/``conv`` of two Jets);
 * elementwise: ODE recurrences (exp, log, pow, div, tanh, sigmoid, sin/cos) or ``y' = f'(x) x'``
-  with ``f'`` evaluated on the jet of order K−1 (softplus, gelu, silu, elu, erf, log1p, …);
+  with ``f'`` evaluated on the jet of order K−1 (softplus, tanh-GELU, silu, elu, log1p, …); erf and exact GELU by
+  a coupled Gaussian recurrence;
 * piecewise: coefficients selected by the primal (relu, abs, where, clamp, maximum, max);
 * compositions: softmax, log_softmax, logsumexp, layer/rms/batch/group norm, mse and cross-entropy
   written as torch code on Jets (shift constants such as ``max x`` are taken from the primal).
@@ -337,16 +338,10 @@ def _derivative_rule(f: Callable[..., Any], df: Callable[..., Any]) -> Callable[
     )
 
 
-def _erf_d(x: Any) -> Any:
-    return (2.0 / math.sqrt(math.pi)) * torch.exp(-(x * x))
-
-
-def _gelu_d(x: Any, approximate: str = "none") -> Any:
-    """gelu' = Φ(x) + x φ(x); tanh form: ½(1+t) + ½x(1−t²)·√(2/π)(1 + 3c x²), t = tanh(u)."""
-    if approximate == "tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x))
-    return 0.5 * (1 + torch.erf(x / _SQRT_2)) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+def _gelu_tanh_d(x: Any, approximate: str = "tanh") -> Any:
+    """gelu' of the tanh form: ½(1+t) + ½x(1−t²)·√(2/π)(1 + 3c x²), t = tanh(√(2/π)(x + c x³))."""
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x))
 
 
 def _softplus_d(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Any:
@@ -376,13 +371,16 @@ def _inplace_ok(rule: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-_register(_funcs(["erf"]) + [torch.special.erf], _derivative_rule(torch.erf, _erf_d))
+_register(_funcs(["erf"]) + [torch.special.erf], series_rule(S.erf))
 _register(_funcs(["log1p"]), _derivative_rule(torch.log1p, lambda x: torch.reciprocal(1 + x)))
 _register(_funcs(["expm1"]), _derivative_rule(torch.expm1, torch.exp))
 _register(_funcs(["atan", "arctan"]), _derivative_rule(torch.atan, lambda x: torch.reciprocal(1 + x * x)))
 _register(_funcs(["sinh"]), _derivative_rule(torch.sinh, torch.cosh))
 _register(_funcs(["cosh"]), _derivative_rule(torch.cosh, torch.sinh))
-_register(_funcs(["gelu"], (torch._C._nn, F)), _derivative_rule(lambda x, approximate="none": F.gelu(x, approximate=approximate), _gelu_d))
+_gelu_tanh = _derivative_rule(lambda x, approximate="none": F.gelu(x, approximate=approximate), _gelu_tanh_d)
+_gelu_exact = series_rule(S.gelu)
+_register(_funcs(["gelu"], (torch._C._nn, F)),
+          lambda x, approximate="none": _gelu_tanh(x, approximate=approximate) if approximate != "none" else _gelu_exact(x))
 _register(_funcs(["softplus"], (torch._C._nn, F)), _derivative_rule(lambda x, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold), _softplus_d))
 _register([F.silu], _inplace_ok(_derivative_rule(F.silu, _silu_d)))
 _register([F.elu], _inplace_ok(_derivative_rule(lambda x, alpha=1.0: F.elu(x, alpha), _elu_d)))

@@ -12,6 +12,7 @@ All recurrences are O(K²) products of tensors (JAX jet / Griewank–Walther, ch
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Sequence, Union
 
 import torch
@@ -134,3 +135,48 @@ def sincos(x: Series, collapsed: bool) -> "tuple[Series, Series]":
         s.append(s_k)
         c.append(c_k)
     return s, c
+
+
+def scaled(x: Series) -> Series:
+    """``[x0, 1·x1, 2·x2, ..., K·xK]``: the weights ``j`` of :func:`ode_scaled`, applied once."""
+    return [x[0], x[1]] + [j * x[j] for j in range(2, len(x))] if len(x) > 1 else list(x)
+
+
+def ode_scaled(jx: Series, g: Series, k: int, top: bool) -> Tensor:
+    """:func:`ode` from ``jx = scaled(x)``: ``y_k = (1/k) Σ_{j=1}^{k} (j x_j) g_{k−j}`` (one
+    product per term instead of two)."""
+    inner = cross([jx[j] * g[k - j] for j in range(1, k)], top)
+    return (jx[k] * g[0] + inner) / k if k > 1 else jx[1] * g[0]
+
+
+def gaussian_integral(x: Series, y0: Tensor, q0: Tensor, a: float, collapsed: bool) -> Series:
+    """Series of ``y`` with ``y' = q x'`` and ``q = C e^{−a x²}`` (``y(0) = y0``, ``q(0) = q0``):
+    ``q' = h x'`` with ``h = −2a x q``, so ``y`` and ``q`` follow O(K²) coupled recurrences
+    (``Φ``: ``a = ½``, ``q0 = φ(x0)``; ``erf``: ``a = 1``, ``q0 = (2/√π) e^{−x0²}``). ``q`` is
+    needed to order K−1 and ``h`` to K−2, so the top order costs one :func:`ode_scaled`."""
+    K = len(x) - 1
+    jx = scaled(x)
+    y, q, h = [y0], [q0], [(-2.0 * a) * x[0] * q0]
+    for k in range(1, K + 1):
+        y.append(ode_scaled(jx, q, k, _is_top(k, K, collapsed)))
+        if k < K:
+            q.append(ode_scaled(jx, h, k, False))
+        if k < K - 1:
+            h.append((-2.0 * a) * (x[0] * q[k] + x[k] * q[0] + cross([x[i] * q[k - i] for i in range(1, k)], False)))
+    return y
+
+
+def gelu(x: Series, collapsed: bool) -> Series:
+    """``y = x Φ(x)`` (exact GELU): ``Φ`` by :func:`gaussian_integral` (``Φ' = φ x'``,
+    ``φ' = −x φ x'``), then one Cauchy product with ``x``."""
+    x0 = x[0]
+    Phi = gaussian_integral(x, torch.special.ndtr(x0), torch.exp(-0.5 * x0 * x0) * (1.0 / math.sqrt(2.0 * math.pi)), 0.5, collapsed)
+    y = mul(x, Phi, collapsed)
+    y[0] = torch.nn.functional.gelu(x0)
+    return y
+
+
+def erf(x: Series, collapsed: bool) -> Series:
+    """``y = erf x``: ``y' = q x'`` with ``q = (2/√π) e^{−x²}`` (:func:`gaussian_integral`, a = 1)."""
+    x0 = x[0]
+    return gaussian_integral(x, torch.erf(x0), torch.exp(-x0 * x0) * (2.0 / math.sqrt(math.pi)), 1.0, collapsed)
