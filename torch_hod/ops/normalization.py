@@ -18,11 +18,12 @@ The Jacobian of ``x̂`` w.r.t. ``x`` is symmetric, so one linear map serves as b
     backward:  x̄ = J(ȳ ⊙ γ),   γ̄ = Σ ȳ ⊙ x̂,   β̄ = Σ ȳ    (Σ over the dims γ is broadcast along)
     tangent:   ẏ = γ ⊙ J ẋ + γ̇ ⊙ x̂ + β̇
 
-Both are written in plain differentiable torch ops, and the op saves only its inputs (``x``, ``γ``
-and for eval the running stats): ``x̂`` and ``r`` are recomputed from ``x`` (two reductions), so the
-saved memory is one copy of the input (the built-ins also keep per-row mean and rstd). The forward
-runs the fused built-in; a backward whose result nothing will differentiate (no ``create_graph``,
-no forward-mode tangent) runs ATen's fused first-order kernel instead (layer_norm, batch_norm).
+Both are written in plain differentiable torch ops and recompute ``x̂`` and ``r`` from the saved
+input (two reductions), so a higher-order pass keeps one copy of the input. The forward runs the
+fused built-in (``native_layer_norm``/``native_batch_norm``) and also keeps its per-row/per-channel
+``mean`` and ``rstd`` (non-differentiable, as the built-ins do); a backward whose result nothing
+will differentiate (no ``create_graph``, no forward-mode tangent) runs ATen's fused first-order
+kernel on them (layer_norm, batch_norm), exactly PyTorch's own first-order path.
 The Taylor rule of each op is :func:`_composite` (mean/mul/rsqrt/add on Jets), which is also the
 reference the tests differentiate by reverse^k.
 
@@ -39,9 +40,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.forward_ad import unpack_dual
 
-from torch_hod.ops.function import HigherOrderFunction, public_op, require_floats, saved_primals
+from torch_hod.ops.function import HigherOrderFunction, public_op, records_nothing, require_floats, saved_primals
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm"]
 
@@ -103,58 +103,57 @@ def _normalize_jacobian(norm: _Norm, g: Tensor, xhat: Tensor, r: Tensor) -> Tens
     return r * out
 
 
-def _records_nothing(*tensors: Optional[Tensor]) -> bool:
-    """True when a backward's result will not be differentiated: grad mode is off (no
-    ``create_graph``) and no tensor carries a forward-mode tangent. Only then may it use ATen's
-    fused kernels, whose own derivatives are incomplete (no forward AD, wrong forward-over-forward)."""
-    return not torch.is_grad_enabled() and all(t is None or unpack_dual(t).tangent is None for t in tensors)
-
-
-def _fused_backward(norm: _Norm, gy: Tensor, x: Tensor, weight: Optional[Tensor], rm: Optional[Tensor],
-                    rv: Optional[Tensor], need: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(x̄, γ̄)`` by ATen's fused first-order kernels (statistics recomputed in one pass).
-    layer_norm and batch_norm only: ATen's rms_norm backward has no CPU kernel (torch's own CPU
+def _fused_backward(norm: _Norm, gy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rm: Optional[Tensor],
+                    rv: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                    need: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+    """``(x̄, γ̄, β̄)`` by ATen's fused first-order kernels, from the forward's saved ``mean``/``rstd``
+    (layer_norm and batch_norm only: ATen's rms_norm backward has no CPU kernel, and torch's own CPU
     rms_norm backward is a composite, like ours)."""
     if norm.kind == "layer":
-        _, mean, rstd = aten.native_layer_norm(x, norm.shape, None, None, norm.eps)  # (var_mean is slower)
-        gx, gw, _ = aten.native_layer_norm_backward(gy, x, norm.shape, mean, rstd, weight, None, [*need, False])
-    elif norm.training:
-        mean, var = aten.batch_norm_update_stats(x, None, None, 0.0)
-        gx, gw, _ = aten.native_batch_norm_backward(gy, x, weight, None, None, mean, torch.rsqrt(var + norm.eps),
-                                                    True, norm.eps, [*need, False])
-    else:
-        gx, gw, _ = aten.native_batch_norm_backward(gy, x, weight, rm, rv, None, None, False, norm.eps,
-                                                    [*need, False])
-    return gx, gw
+        return aten.native_layer_norm_backward(gy, x, norm.shape, mean, rstd, weight, bias, list(need))
+    if norm.training:
+        return aten.native_batch_norm_backward(gy, x, weight, None, None, mean, rstd, True, norm.eps, list(need))
+    return aten.native_batch_norm_backward(gy, x, weight, rm, rv, None, None, False, norm.eps, list(need))
 
 
 class NormalizeFunction(HigherOrderFunction):
-    """``y = N(x) ⊙ γ + β`` for a :class:`_Norm`; the running stats (eval) are constants."""
+    """``(y, mean, rstd)`` with ``y = N(x) ⊙ γ + β`` for a :class:`_Norm`; the running stats (eval)
+    are constants. ``mean`` and ``rstd`` are the fused forward's per-row (layer) or per-channel
+    (batch, training) statistics, private outputs kept only for the fused first-order backward
+    (empty for rms_norm and eval batch_norm): the public ops return ``y`` alone, so nothing ever
+    differentiates them, and their rules ignore them (zero tangent, cotangent dropped). They are
+    not marked non-differentiable because torch's generated vmap rule rejects the ``None`` tangent
+    that would then be required (``jvp(vmap(op))``)."""
 
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rm: Optional[Tensor],
-                rv: Optional[Tensor], norm: _Norm) -> Tensor:
+                rv: Optional[Tensor], norm: _Norm) -> Tuple[Tensor, Tensor, Tensor]:
         if norm.kind == "layer":
-            return F.layer_norm(x, norm.shape, weight, bias, norm.eps)
+            return aten.native_layer_norm(x, norm.shape, weight, bias, norm.eps)
+        if norm.kind == "batch" and norm.training:
+            return aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, norm.eps)
         if norm.kind == "rms":
-            return F.rms_norm(x, norm.shape, weight, norm.eps)
-        return F.batch_norm(x, rm, rv, weight, bias, norm.training, 0.0, norm.eps)
+            y = F.rms_norm(x, norm.shape, weight, norm.eps)
+        else:
+            y = F.batch_norm(x, rm, rv, weight, bias, False, 0.0, norm.eps)
+        return y, y.new_empty(0), y.new_empty(0)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
-        x, weight, _, rm, rv, norm = inputs
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, rm, rv, norm = inputs
+        _, mean, rstd = output
         ctx.norm = norm
-        ctx.save_for_backward(x, weight, rm, rv)
-        ctx.save_for_forward(x, weight, rm, rv)
+        ctx.save_for_backward(x, weight, bias, rm, rv, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, rm, rv, mean, rstd)
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, weight, rm, rv = ctx.saved_tensors
+    def backward(ctx: Any, gy: Tensor, *_: Any) -> Tuple[Optional[Tensor], ...]:
+        x, weight, bias, rm, rv, mean, rstd = ctx.saved_tensors
         norm: _Norm = ctx.norm
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if norm.kind != "rms" and records_nothing(gy, x, weight):
+            return (*_fused_backward(norm, gy, x, weight, bias, rm, rv, mean, rstd, (need_x, need_w, need_b)), None, None, None)
         gb = norm.sum_to_param(gy) if need_b else None
-        if norm.kind != "rms" and _records_nothing(gy, x, weight):
-            return (*_fused_backward(norm, gy, x, weight, rm, rv, (need_x, need_w)), gb, None, None, None)
         xhat, r = _statistics(norm, x, rm, rv)
         gx = gw = None
         if need_x:
@@ -166,7 +165,7 @@ class NormalizeFunction(HigherOrderFunction):
 
     @staticmethod
     def tangent(ctx: Any, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor], *_: Any) -> Tensor:
-        x, weight, rm, rv = saved_primals(ctx)
+        x, weight, _, rm, rv, mean, rstd = saved_primals(ctx)
         norm: _Norm = ctx.norm
         xhat, r = _statistics(norm, x, rm, rv)
         dy = torch.zeros_like(xhat)
@@ -177,7 +176,7 @@ class NormalizeFunction(HigherOrderFunction):
             dy = dy + xhat * norm.param_view(dw, x)
         if db is not None:
             dy = dy + norm.param_view(db, x)
-        return dy
+        return dy, torch.zeros_like(mean), torch.zeros_like(rstd)  # the statistics' tangents: unused
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -331,7 +330,7 @@ def layer_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tens
     Shapes: input ``(*, *normalized_shape)``; weight, bias ``normalized_shape``; output as input.
     """
     norm = _layer_args(input, normalized_shape, weight, bias, eps)
-    return NormalizeFunction.apply(input, weight, bias, None, None, norm)
+    return NormalizeFunction.apply(input, weight, bias, None, None, norm)[0]
 
 
 @public_op("rms_norm", taylor=_rms_norm_composite)
@@ -344,7 +343,7 @@ def rms_norm(input: Tensor, normalized_shape: ShapeLike, weight: Optional[Tensor
     Shapes: input ``(*, *normalized_shape)``; weight ``normalized_shape``; output as input.
     """
     norm = _rms_args(input, normalized_shape, weight, eps)
-    return NormalizeFunction.apply(input, weight, None, None, None, norm)
+    return NormalizeFunction.apply(input, weight, None, None, None, norm)[0]
 
 
 @public_op("batch_norm", taylor=_batch_norm_composite)
@@ -363,5 +362,5 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training:
         if running_mean is not None:
             _update_running_stats(input, running_mean, running_var, momentum)
-        return NormalizeFunction.apply(input, weight, bias, None, None, norm)
-    return NormalizeFunction.apply(input, weight, bias, running_mean, running_var, norm)
+        return NormalizeFunction.apply(input, weight, bias, None, None, norm)[0]
+    return NormalizeFunction.apply(input, weight, bias, running_mean, running_var, norm)[0]

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from torch_hod.ops.function import HigherOrderFunction, public_op, require_float, saved_primals
+from torch_hod.ops.function import HigherOrderFunction, public_op, records_nothing, require_float, saved_primals
 
 __all__ = [
     "softmax", "log_softmax", "logsumexp",
@@ -183,6 +183,8 @@ class LogSoftmaxFunction(HigherOrderFunction):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
         (y,) = ctx.saved_tensors
+        if records_nothing(grad, y):  # first order only: ATen's fused kernel (its own derivatives are not ours)
+            return aten._log_softmax_backward_data(grad, y, ctx.dim, y.dtype), None
         return grad - torch.exp(y) * grad.sum(ctx.dim, keepdim=True), None
 
     @staticmethod
