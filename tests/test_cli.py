@@ -41,7 +41,19 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["bench", "--only", "nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
     assert main(["verify", "--order", "0"]) == 2
+    assert main(["verify", "--only", "nope"]) == 2  # before: "0 passed, 0 failed" and exit 0
+    assert "no check name contains any of ['nope']" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
     assert _run("frobnicate").returncode == 2  # argparse: unknown subcommand
+
+
+def test_measure_time_needs_a_repeat():
+    import pytest
+
+    from torch_hod.benchmark import measure_time
+
+    assert measure_time(lambda: None, repeats=1, warmup=0).repeats == 1
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):  # before: IndexError
+        measure_time(lambda: None, repeats=0)

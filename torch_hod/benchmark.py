@@ -44,6 +44,8 @@ def _sync(device: str) -> None:
 def measure_time(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2, device: str = "cpu",
                  min_time: float = 0.0) -> Timing:
     """Run ``fn`` ``warmup`` times, then time ``repeats`` calls (at least ``min_time`` s in all)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"measure_time: repeats must be an integer >= 1, got {repeats!r}")
     for _ in range(warmup):
         fn()
     times: List[float] = []

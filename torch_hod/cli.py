@@ -131,7 +131,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from torch_hod.benchmark import markdown_table
     from torch_hod.verification import verify_all
 
-    rows = verify_all(order=args.order, only=args.only.split(",") if args.only else None, progress=sys.stderr)
+    try:
+        rows = verify_all(order=args.order, only=args.only.split(",") if args.only else None, progress=sys.stderr)
+    except ValueError as error:  # --only matched nothing: a run that could not fail
+        raise CliError(f"--only: {error}") from error
     print(markdown_table(rows, ["check", "order", "mode", "max_rel", "max_abs", "status"]))
     failures = [r for r in rows if r["status"] != "pass"]
     print(f"\n{len(rows) - len(failures)} passed, {len(failures)} failed")

@@ -202,6 +202,8 @@ def verify_all(order: int = 4, only: Optional[Sequence[str]] = None, progress: T
                                        raise_on_failure=False, name=name))))
     jobs.append(("hvp", _hvp_rows))
     selected = [(n, job) for n, job in jobs if not only or any(o in n for o in only)]
+    if not selected:
+        raise ValueError(f"no check name contains any of {list(only or [])}; the checks are {[n for n, _ in jobs]}")
     for index, (name, job) in enumerate(selected, 1):
         print(f"[{index}/{len(selected)}] {name}", file=progress, flush=True)
         try:
