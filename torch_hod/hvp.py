@@ -24,9 +24,10 @@ transformer block, plain and converted): ``rev-rev`` had the lowest peak memory 
 gradient against 3.0–4.0× for ``fwd-rev``; it also works for ops without forward AD (``cdist``).
 
 Caution (measured on torch 2.13, pytorch#198017): built-ins whose forward-AD rule is not correctly
-differentiable give silently wrong ``rev-fwd`` products; ``F.layer_norm`` is off by ~30% (relative)
-w.r.t. its input, while ``rev-rev`` and ``fwd-rev`` are exact. ``rev-fwd`` is offered for
-completeness and for functions made of torch_hod ops; ``auto`` never picks it.
+differentiable give silently wrong ``rev-fwd`` products; through ``F.layer_norm`` they are off by
+30–130% (relative, depending on the inputs) w.r.t. its input, while ``rev-rev`` and ``fwd-rev`` are
+exact. ``rev-fwd`` is offered for completeness and for functions made of torch_hod ops; ``auto``
+never picks it.
 
 Batched products (``batched=True`` or :func:`hvp_batched`): tangents carry a leading batch axis
 ``B``; ``rev-rev`` computes the gradient once and runs the second backward with
