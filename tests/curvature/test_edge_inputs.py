@@ -68,3 +68,35 @@ def test_empirical_fisher_rejects_weighted_mean():
     # per sample a weighted mean is w·l/w = l (the weight cancels), an ignored target 0/0
     with pytest.raises(ValueError, match="weight"):
         EmpiricalFisherOperator(model, torch.nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), [(X, y)])
+
+
+def test_hessian_operator_rejects_unknown_mode_at_construction():
+    model, X, y = _linear_problem()
+    with pytest.raises(ValueError, match="unknown mode 'fwd-fwd'"):  # before: only at the first product
+        HessianOperator(model, torch.nn.CrossEntropyLoss(), [(X, y)], mode="fwd-fwd")
+
+
+@pytest.mark.parametrize("loss_fn", [
+    torch.nn.HuberLoss(), torch.nn.SmoothL1Loss(), torch.nn.MSELoss(),
+    lambda o, t: torch.nn.functional.layer_norm(o, (3,)).pow(2).sum(1).mean() + torch.nn.functional.mse_loss(o, t),
+], ids=["huber", "smooth_l1", "mse", "layer_norm_loss"])  # before: layer_norm_loss was silently wrong (rev-fwd)
+def test_ggn_for_losses_without_reliable_forward_ad(loss_fn):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, Y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(t):
+        chunks = torch.split(t, [s.numel() for s in shapes])
+        return torch.func.functional_call(model, {k: c.reshape(s) for k, c, s in zip(names, chunks, shapes)}, (X,))
+
+    # reference: dense Jacobian (reverse mode) and output Hessian (reverse-over-reverse)
+    out = outputs(theta).detach()
+    J = torch.autograd.functional.jacobian(outputs, theta).reshape(out.numel(), -1)
+    H_o = torch.autograd.functional.hessian(lambda o: loss_fn(o.reshape(out.shape), Y), out.reshape(-1))
+    ref = J.T @ H_o @ J
+    assert ref.abs().max() > 0
+    G = GGNOperator(model, loss_fn, [(X[:2], Y[:2]), (X[2:], Y[2:])], reduction="mean").dense()
+    torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)

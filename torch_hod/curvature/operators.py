@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 from torch_hod.curvature.distributed import all_reduce_sum
 from torch_hod.curvature.linear_operator import LinearOperator
-from torch_hod.hvp import hvp
+from torch_hod.hvp import MODES, hvp
 
 __all__ = ["flatten_params", "unflatten_params", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator"]
 
@@ -275,6 +275,9 @@ class HessianOperator(_ModelOperator):
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Any,
                  params: Params = None, *, reduction: Optional[str] = None, train_mode: bool = False,
                  mode: str = "auto") -> None:
+        if mode != "auto" and mode not in MODES:
+            raise ValueError(f"HessianOperator: unknown mode {mode!r}; valid modes are 'auto', "
+                             + ", ".join(repr(m) for m in MODES))
         super().__init__(model, loss_fn, data, params, reduction=reduction, train_mode=train_mode)
         self.mode = mode
 
@@ -287,25 +290,22 @@ class HessianOperator(_ModelOperator):
 class GGNOperator(_ModelOperator):
     """Generalised Gauss-Newton ``G = Σ_b w_b J_bᵀ (∇²_o L_b) J_b`` (module docstring).
 
-    Per column ``v``: ``u = J v`` (``torch.func.jvp`` of the model), ``u' = ∇²_o L_b u`` (HVP of the
-    loss w.r.t. the model output, e.g. ``(diag(p) − p pᵀ) u / n_b`` per sample for mean
-    cross-entropy with softmax ``p``, ``2u / (n_b d)`` for mean MSE over ``d`` outputs) and
-    ``Jᵀ u'`` (``torch.func.vjp``); columns are vmapped. Exact for any twice differentiable loss;
-    positive semi-definite when the loss is convex in the output (MSE, cross-entropy).
+    For the columns ``v`` of ``V``: ``u = J v`` (vmapped ``torch.func.jvp`` of the model),
+    ``u' = ∇²_o L_b u`` (HVP of the loss w.r.t. the model output by batched double backward, e.g.
+    ``(diag(p) − p pᵀ) u / n_b`` per sample for mean cross-entropy with softmax ``p``,
+    ``2u / (n_b d)`` for mean MSE over ``d`` outputs) and ``Jᵀ u'`` (vmapped ``torch.func.vjp``).
+    Exact for any twice differentiable loss; positive semi-definite when the loss is convex in the
+    output (MSE, cross-entropy, Huber).
     """
 
     def _batch_product(self, params: Dict[str, Tensor], X: Any, y: Tensor, V: Dict[str, Tensor]) -> Tensor:
         model = lambda p: self._forward(p, X)  # noqa: E731
         out, pullback = torch.func.vjp(model, params)
-        loss = lambda o: self.loss_fn(o, y)  # noqa: E731
-
-        def column(v: Dict[str, Tensor]) -> Dict[str, Tensor]:
-            _, Jv = torch.func.jvp(model, (params,), (v,))
-            # rev-fwd: torch 2.13's jvp(grad(F.mse_loss)) raises "ZeroTensors are immutable".
-            _, (HJv,) = hvp(loss, (out,), (Jv,), mode="rev-fwd")
-            return pullback(HJv)[0]
-
-        return _columns(torch.func.vmap(column)(V))
+        JV = torch.func.vmap(lambda v: torch.func.jvp(model, (params,), (v,))[1])(V)
+        # double backward in the output space: torch.func's forward AD over the backward raises for
+        # F.mse_loss/F.huber_loss (fwd-rev), and rev-fwd is silently wrong through F.layer_norm
+        _, (HJV,) = hvp(lambda o: self.loss_fn(o, y), (out,), (JV,), mode="rev-rev", batched=True)
+        return _columns(torch.func.vmap(pullback)(HJV)[0])
 
 
 class EmpiricalFisherOperator(_ModelOperator):
