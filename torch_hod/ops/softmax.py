@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
 
 from torch_hod.ops.function import HigherOrderFunction, public_op, records_nothing, require_float, saved_primals
 
@@ -193,6 +194,11 @@ class LogSoftmaxFunction(HigherOrderFunction):
         return x_dot - (torch.exp(y) * x_dot).sum(ctx.dim, keepdim=True)
 
 
+def _unwrapped(*tensors: Tensor) -> bool:
+    """No tensor is wrapped by torch.func or batched (vmap, ``is_grads_batched``): in-place is safe."""
+    return not any(is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t) for t in tensors)
+
+
 class LogsumexpFunction(HigherOrderFunction):
     """``y = log Σ_dims eˣ``; saves only ``x``. VJP ``ȳ · softmax(x)`` (a :class:`ScaledSoftmaxFunction`),
     JVP ``⟨ẋ, softmax(x)⟩``."""
@@ -218,6 +224,10 @@ class LogsumexpFunction(HigherOrderFunction):
         (x,) = ctx.saved_tensors
         if not ctx.keepdim and x.dim() > 0:
             grad = _unsqueeze(grad, ctx.dims)
+        if len(ctx.dims) == 1 and x.dim() > 0 and records_nothing(grad, x) and _unwrapped(grad, x):
+            # first order only (cross_entropy's plain backward): scale the softmax in place, no second
+            # logits-sized buffer; functorch-wrapped (vmapped) tensors take the out-of-place path below
+            return (torch.softmax(x, ctx.dims[0]).mul_(grad), None) + (None,) * len(ctx.dims)
         return (ScaledSoftmaxFunction.apply(x, grad, *ctx.dims), None) + (None,) * len(ctx.dims)
 
     @staticmethod
