@@ -14,7 +14,6 @@ status) so the CLI prints a table.
 """
 from __future__ import annotations
 
-import copy
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
