@@ -2,8 +2,8 @@
 
 Each step solves ``(H + λI) d = −g`` by conjugate gradient with Hessian-vector products from
 double backward, takes a backtracking line search along ``d`` and adapts ``λ`` with the
-Levenberg–Marquardt rule. For comparison, Adam runs the same number of steps and, separately,
-the same number of gradient evaluations as NewtonCG's HVPs + gradients + line-search evaluations.
+Levenberg–Marquardt rule. For comparison, Adam runs the same number of steps and, separately, as
+many steps as NewtonCG used gradients and HVPs (its line-search forward passes not counted).
 Run: ``python examples/newton_cg.py [--steps 15]``.
 """
 import argparse
