@@ -100,3 +100,16 @@ def test_ggn_for_losses_without_reliable_forward_ad(loss_fn):
     assert ref.abs().max() > 0
     G = GGNOperator(model, loss_fn, [(X[:2], Y[:2]), (X[2:], Y[2:])], reduction="mean").dense()
     torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bce_weight_over_batches_is_allowed_and_exact():
+    # BCEWithLogitsLoss(weight=w) averages w·l over elements: the n_b/N weighting is exact
+    model, X, _ = _linear_problem()
+    Y = torch.rand(6, 3, dtype=torch.float64)
+    loss_fn = torch.nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    split = HessianOperator(model, loss_fn, [(X[:2], Y[:2]), (X[2:], Y[2:])]).dense()
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    ref = torch.autograd.functional.hessian(
+        lambda t: loss_fn(torch.nn.functional.linear(X, t[:9].reshape(3, 3), t[9:]), Y), theta)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(split, ref, rtol=1e-10, atol=1e-12)

@@ -13,9 +13,10 @@ For a model ``f(x; θ)``, a loss ``ℓ(f(x; θ), y)`` and data ``D`` of ``N`` sa
 Weights: with ``reduction="mean"`` (``loss_fn`` averages over the batch) ``w_b = n_b / N`` and
 ``c = 1/N``, so any batching, unequal batch sizes included, equals the full-batch mean loss; with
 ``reduction="sum"`` ``w_b = 1`` and ``c = 1``. ``reduction`` defaults to ``loss_fn.reduction``.
-A mean normalised by target weights (a loss with class ``weight``, or targets equal to its
-``ignore_index``) is not such a weighted mean of batch means: it is accepted only as one batch
-(never by :class:`EmpiricalFisherOperator`); use ``reduction="sum"`` otherwise.
+A mean normalised by target weights (``CrossEntropyLoss``/``NLLLoss`` with class ``weight``, or
+with targets equal to ``ignore_index``) is not such a weighted mean of batch means: it is accepted
+only as one batch (never by :class:`EmpiricalFisherOperator`); use ``reduction="sum"`` otherwise.
+A plain function as ``loss_fn`` cannot be inspected: it must be a per-sample mean or a sum.
 
 Data is a list/tuple of ``(X, y)`` batches (``X`` a tensor, or a tuple of tensors passed as
 ``model(*X)``), a single ``(X, y)`` pair of tensors, or a ``DataLoader`` that does not shuffle: every
@@ -151,14 +152,16 @@ def _infer_reduction(loss_fn: Callable, reduction: Optional[str], who: str) -> s
 
 
 def _weighted_mean(loss_fn: Callable, reduction: str, y: Any) -> str:
-    """Why a ``reduction="mean"`` loss divides by a sum of target weights rather than the batch size
-    (class ``weight``, targets equal to ``ignore_index``), or ``""``."""
-    if reduction != "mean":
+    """Why a ``reduction="mean"`` loss divides by a sum of target weights rather than the batch size,
+    or ``""``: the ``CrossEntropyLoss``/``NLLLoss`` family (the losses with an ``ignore_index``) with
+    class ``weight`` or with targets equal to ``ignore_index``. (``BCELoss``'s ``weight`` only
+    rescales elements; the mean stays over elements.)"""
+    ignore = getattr(loss_fn, "ignore_index", None)
+    if reduction != "mean" or not isinstance(ignore, int):
         return ""
     if getattr(loss_fn, "weight", None) is not None:
         return "class weights (weight=...)"
-    ignore = getattr(loss_fn, "ignore_index", None)
-    if isinstance(ignore, int) and isinstance(y, Tensor) and not y.dtype.is_floating_point and bool((y == ignore).any()):
+    if isinstance(y, Tensor) and not y.dtype.is_floating_point and bool((y == ignore).any()):
         return f"targets equal to ignore_index={ignore}"
     return ""
 
