@@ -13,7 +13,7 @@ All recurrences are O(K²) products of tensors (JAX jet / Griewank–Walther, ch
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +32,37 @@ def cross(terms: Sequence[Tensor], top: bool) -> Union[Tensor, int]:
     return total.sum(0) if top else total
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def fma(acc: Union[Tensor, int, None], a: Any, b: Any, w: float = 1.0) -> Any:
+    """``acc + w·a·b`` in one fused ``torch.addcmul`` for plain tensors (``acc=None``: ``w·a·b``);
+    the unfused expression for anything else (Jets of an outer call, Python numbers)."""
+    number = isinstance(w, (int, float))
+    plain = type(a) in _PLAIN and type(b) in _PLAIN and number
+    one = number and w == 1
+    if acc is None:
+        if one or not plain:
+            return a * b if one else (a * b) * w
+        acc = a.new_zeros(())
+    if plain and type(acc) in _PLAIN:
+        return torch.addcmul(acc, a, b, value=w)
+    return acc + (a * b if one else (a * b) * w)
+
+
+def dot(terms: Sequence[Tuple[Any, Any, float]], top: bool, acc: Any = None) -> Any:
+    """``acc + Σ w·a·b`` over ``terms = [(a, b, w), ...]`` with fused multiply-adds, summed over the
+    direction axis when ``top`` (collapsed top order, ``acc`` then already summed); ``acc`` if empty."""
+    inner = None
+    for a, b, w in terms:
+        inner = fma(inner, a, b, w)
+    if inner is None:
+        return acc
+    if top:
+        inner = inner.sum(0)
+    return inner if acc is None else acc + inner
+
+
 def _is_top(k: int, K: int, collapsed: bool) -> bool:
     return collapsed and k == K
 
@@ -39,16 +70,36 @@ def _is_top(k: int, K: int, collapsed: bool) -> bool:
 def mul(a: Series, b: Series, collapsed: bool, times: Callable = torch.mul) -> Series:
     """Cauchy product ``(a·b)_k = Σ_{i=0}^{k} a_i b_{k−i}`` (``times`` must broadcast over R)."""
     K = len(a) - 1
-    out = [times(a[0], b[0])]
+    if times is not torch.mul:
+        out = [times(a[0], b[0])]
+        for k in range(1, K + 1):
+            inner = cross([times(a[i], b[k - i]) for i in range(1, k)], _is_top(k, K, collapsed))
+            out.append(times(a[0], b[k]) + times(a[k], b[0]) + inner)
+        return out
+    out = [a[0] * b[0]]
     for k in range(1, K + 1):
-        inner = cross([times(a[i], b[k - i]) for i in range(1, k)], _is_top(k, K, collapsed))
-        out.append(times(a[0], b[k]) + times(a[k], b[0]) + inner)
+        inner = dot([(a[i], b[k - i], 1) for i in range(1, k)], _is_top(k, K, collapsed))
+        out.append(fma(fma(inner, a[0], b[k]), a[k], b[0]))
     return out
 
 
 def ode(x: Series, g: Series, k: int, top: bool) -> Tensor:
     """k-th coefficient of ``y`` with ``y' = g · x'``: ``y_k = (1/k) Σ_{j=1}^{k} j x_j g_{k−j}``."""
-    return x[k] * g[0] + cross([(j / k) * x[j] * g[k - j] for j in range(1, k)], top)
+    inner = dot([(x[j], g[k - j], j / k) for j in range(1, k)], top)
+    return fma(inner, x[k], g[0])
+
+
+def square(x: Series, collapsed: bool) -> Series:
+    """``y = x²`` with the symmetric Cauchy product ``y_k = Σ_{i+j=k} x_i x_j`` (half the products)."""
+    K = len(x) - 1
+    return [x[0] * x[0]] + [self_dot(x, k, _is_top(k, K, collapsed)) for k in range(1, K + 1)]
+
+
+def self_dot(x: Series, k: int, top: bool, w: float = 1.0) -> Tensor:
+    """``w Σ_{i=0}^{k} x_i x_{k−i}`` = ``w(2 Σ_{i<k/2} x_i x_{k−i} + [k even] x_{k/2}²)``; in
+    collapsed mode (``top``) the directed products are summed over directions, ``x_0 x_k`` is not."""
+    inner = dot([(x[i], x[k - i], 2 * w) for i in range(1, (k + 1) // 2)] + ([(x[k // 2], x[k // 2], w)] if k % 2 == 0 else []), top)
+    return fma(inner, x[0], x[k], 2 * w)
 
 
 def integrate(x: Series, g: Series, y0: Tensor, collapsed: bool) -> Series:
@@ -71,8 +122,8 @@ def log(x: Series, collapsed: bool, y0: Tensor = None) -> Series:
     K = len(x) - 1
     y = [torch.log(x[0]) if y0 is None else y0]
     for k in range(1, K + 1):
-        inner = cross([(j / k) * y[j] * x[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
-        y.append((x[k] - inner) / x[0])
+        inner = dot([(y[j], x[k - j], -j / k) for j in range(1, k)], _is_top(k, K, collapsed), x[k])
+        y.append(inner / x[0])
     return y
 
 
@@ -84,9 +135,8 @@ def div(a: Series, b: Series, collapsed: bool) -> Series:
     K = len(b) - 1
     z = [a[0] / b[0]]
     for k in range(1, K + 1):
-        inner = cross([b[j] * z[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
-        num = (a[k] if len(a) > 1 else 0) - b[k] * z[0] - inner
-        z.append(num / b[0])
+        inner = dot([(b[j], z[k - j], -1) for j in range(1, k)], _is_top(k, K, collapsed), a[k] if len(a) > 1 else None)
+        z.append(fma(inner, b[k], z[0], -1) / b[0])
     return z
 
 
@@ -96,8 +146,8 @@ def pow(x: Series, p: Union[Number, Tensor], collapsed: bool) -> Series:
     K = len(x) - 1
     y = [torch.pow(x[0], p)]
     for k in range(1, K + 1):
-        inner = cross([((p * j - (k - j)) / k) * x[j] * y[k - j] for j in range(1, k)], _is_top(k, K, collapsed))
-        y.append((p * x[k] * y[0] + inner) / x[0])
+        inner = dot([(x[j], y[k - j], (p * j - (k - j)) / k) for j in range(1, k)], _is_top(k, K, collapsed))
+        y.append(fma(inner, x[k], y[0], p) / x[0])
     return y
 
 
@@ -109,7 +159,7 @@ def tanh(x: Series, collapsed: bool) -> Series:
     for k in range(1, K + 1):
         y.append(ode(x, g, k, _is_top(k, K, collapsed)))
         if k < K:
-            g.append(-(2 * y[0] * y[k] + cross([y[i] * y[k - i] for i in range(1, k)], False)))
+            g.append(self_dot(y, k, False, -1.0))
     return y
 
 
@@ -121,7 +171,7 @@ def sigmoid(x: Series, collapsed: bool) -> Series:
     for k in range(1, K + 1):
         y.append(ode(x, g, k, _is_top(k, K, collapsed)))
         if k < K:
-            g.append(y[k] * (1 - 2 * y[0]) - cross([y[i] * y[k - i] for i in range(1, k)], False))
+            g.append(y[k] - self_dot(y, k, False))
     return y
 
 
@@ -137,32 +187,19 @@ def sincos(x: Series, collapsed: bool) -> "tuple[Series, Series]":
     return s, c
 
 
-def scaled(x: Series) -> Series:
-    """``[x0, 1·x1, 2·x2, ..., K·xK]``: the weights ``j`` of :func:`ode_scaled`, applied once."""
-    return [x[0], x[1]] + [j * x[j] for j in range(2, len(x))] if len(x) > 1 else list(x)
-
-
-def ode_scaled(jx: Series, g: Series, k: int, top: bool) -> Tensor:
-    """:func:`ode` from ``jx = scaled(x)``: ``y_k = (1/k) Σ_{j=1}^{k} (j x_j) g_{k−j}`` (one
-    product per term instead of two)."""
-    inner = cross([jx[j] * g[k - j] for j in range(1, k)], top)
-    return (jx[k] * g[0] + inner) / k if k > 1 else jx[1] * g[0]
-
-
 def gaussian_integral(x: Series, y0: Tensor, q0: Tensor, a: float, collapsed: bool) -> Series:
     """Series of ``y`` with ``y' = q x'`` and ``q = C e^{−a x²}`` (``y(0) = y0``, ``q(0) = q0``):
     ``q' = h x'`` with ``h = −2a x q``, so ``y`` and ``q`` follow O(K²) coupled recurrences
     (``Φ``: ``a = ½``, ``q0 = φ(x0)``; ``erf``: ``a = 1``, ``q0 = (2/√π) e^{−x0²}``). ``q`` is
-    needed to order K−1 and ``h`` to K−2, so the top order costs one :func:`ode_scaled`."""
+    needed to order K−1 and ``h`` to K−2, so the top order costs one :func:`ode`."""
     K = len(x) - 1
-    jx = scaled(x)
     y, q, h = [y0], [q0], [(-2.0 * a) * x[0] * q0]
     for k in range(1, K + 1):
-        y.append(ode_scaled(jx, q, k, _is_top(k, K, collapsed)))
+        y.append(ode(x, q, k, _is_top(k, K, collapsed)))
         if k < K:
-            q.append(ode_scaled(jx, h, k, False))
+            q.append(ode(x, h, k, False))
         if k < K - 1:
-            h.append((-2.0 * a) * (x[0] * q[k] + x[k] * q[0] + cross([x[i] * q[k - i] for i in range(1, k)], False)))
+            h.append(dot([(x[i], q[k - i], -2.0 * a) for i in range(k + 1)], False))
     return y
 
 
