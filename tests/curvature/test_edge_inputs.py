@@ -102,11 +102,14 @@ def test_ggn_for_losses_without_reliable_forward_ad(loss_fn):
     torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_bce_weight_over_batches_is_allowed_and_exact():
-    # BCEWithLogitsLoss(weight=w) averages w·l over elements: the n_b/N weighting is exact
+@pytest.mark.parametrize("loss", ["bce", "cross_entropy_probabilities"])
+def test_weights_that_keep_the_mean_over_samples_are_allowed_and_exact(loss):
+    # BCEWithLogitsLoss(weight=w) averages w·l over elements, and cross-entropy with probability
+    # targets and class weights divides by n_b: the n_b/N weighting over batches is exact
     model, X, _ = _linear_problem()
-    Y = torch.rand(6, 3, dtype=torch.float64)
-    loss_fn = torch.nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    Y = torch.rand(6, 3, dtype=torch.float64).softmax(1)
+    w = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    loss_fn = torch.nn.BCEWithLogitsLoss(weight=w) if loss == "bce" else torch.nn.CrossEntropyLoss(weight=w)
     split = HessianOperator(model, loss_fn, [(X[:2], Y[:2]), (X[2:], Y[2:])]).dense()
     theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
     ref = torch.autograd.functional.hessian(

@@ -154,16 +154,15 @@ def _infer_reduction(loss_fn: Callable, reduction: Optional[str], who: str) -> s
 def _weighted_mean(loss_fn: Callable, reduction: str, y: Any) -> str:
     """Why a ``reduction="mean"`` loss divides by a sum of target weights rather than the batch size,
     or ``""``: the ``CrossEntropyLoss``/``NLLLoss`` family (the losses with an ``ignore_index``) with
-    class ``weight`` or with targets equal to ``ignore_index``. (``BCELoss``'s ``weight`` only
-    rescales elements; the mean stays over elements.)"""
+    class ``weight`` or with targets equal to ``ignore_index``, for class-index targets.
+    (Probability targets and ``BCELoss``'s ``weight`` keep the mean over samples/elements.)"""
     ignore = getattr(loss_fn, "ignore_index", None)
-    if reduction != "mean" or not isinstance(ignore, int):
+    indices = isinstance(y, Tensor) and not y.dtype.is_floating_point  # probability targets: mean over n_b
+    if reduction != "mean" or not isinstance(ignore, int) or not indices:
         return ""
     if getattr(loss_fn, "weight", None) is not None:
         return "class weights (weight=...)"
-    if isinstance(y, Tensor) and not y.dtype.is_floating_point and bool((y == ignore).any()):
-        return f"targets equal to ignore_index={ignore}"
-    return ""
+    return f"targets equal to ignore_index={ignore}" if bool((y == ignore).any()) else ""
 
 
 def _batch_size(X: Any) -> int:
