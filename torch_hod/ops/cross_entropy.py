@@ -21,9 +21,13 @@ The loss is written as the linear map ``Σ_c Q_c (lse − z_c)`` of ``z`` around
 keeping it. So the gradient is exactly ``g (s p − Q)`` and a Hessian-vector product
 ``g s (p ⊙ v − p ⟨p, v⟩)`` holds the gradient plus at most two logits-sized temporaries: measured
 3.0× the logits' bytes against 7.0× for ``F.cross_entropy`` (see tests/ops/test_cross_entropy.py).
-Index targets never build a one-hot ``Q`` (a gather picks ``z_t``). Every order in every AD mode
-follows from the softmax-family Functions (the rest is plain torch ops), and the Taylor rule is the
-same composition evaluated on Jets.
+Index targets never build a one-hot ``Q`` (a gather picks ``z_t``). Unsmoothed index targets go
+through one Function, :class:`PickedNLLFunction` (``ℓ = a (lse − z_t)``): its forward is the
+built-in's (log_softmax + gather), its backward the same ``ScaledSoftmaxFunction`` minus a scatter
+for every higher order, and, when nothing differentiates the gradient, one softmax scaled and
+scatter-added in place (the fused first-order path). Every order in every AD mode follows from the
+softmax-family Functions (the rest is plain torch ops), and the Taylor rule is the composition
+(``composite=True``) evaluated on Jets.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from torch_hod.ops.function import public_op, require_float
-from torch_hod.ops.softmax import logsumexp
+from torch_hod.ops.function import HigherOrderFunction, public_op, records_nothing, require_float, saved_primals
+from torch_hod.ops.softmax import ScaledSoftmaxFunction, SoftmaxFunction, _unwrapped, logsumexp
 
 __all__ = ["cross_entropy"]
 
@@ -96,13 +100,74 @@ def _check(
         )
 
 
+class PickedNLLFunction(HigherOrderFunction):
+    """``ℓ = a ⊙ (lse(z) − z_t)`` per sample: the index-target term of cross_entropy, class dim ``c``.
+
+    Shapes: logits ``z`` ``(N, C, *)`` (or ``(C,)`` with ``c = 0``); coefficients ``a`` (weight × mask ×
+    (1 − ε)) and int64 targets ``t`` of ``z``'s shape without dim ``c``; ``ℓ`` likewise. Saves ``z``,
+    ``a``, ``t`` only.
+
+    * backward: ``z̄ = ḡ softmax(z) − scatter_c(t, ḡ)`` with ``ḡ = ℓ̄ a``, ``ā = ℓ̄ (lse − z_t)``;
+    * tangent:  ``ℓ̇ = a (⟨ż, softmax(z)⟩ − ż_t) + ȧ (lse − z_t)``.
+
+    The backward is :class:`ScaledSoftmaxFunction` minus a scatter (every order, HVP memory as the
+    plain composite); when nothing differentiates it (:func:`records_nothing`) it is one softmax,
+    scaled and scatter-added in place: no one-hot, no zero-filled gather gradient, no accumulation.
+    """
+
+    @staticmethod
+    def forward(z: Tensor, a: Tensor, t: Tensor, c: int) -> Tensor:
+        return -a * torch.log_softmax(z, c).gather(c, t.unsqueeze(c)).squeeze(c)  # the built-in's forward
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        z, a, t, ctx.c = inputs
+        ctx.save_for_backward(z, a, t)
+        ctx.save_for_forward(z, a, t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        z, a, t = ctx.saved_tensors
+        c = ctx.c
+        index = t.unsqueeze(c)
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            grad_a = grad * (logsumexp(z, c) - z.gather(c, index).squeeze(c))
+        if not ctx.needs_input_grad[0]:
+            return None, grad_a, None, None
+        g = (grad * a).unsqueeze(c)
+        if records_nothing(grad, z, a) and _unwrapped(grad, z, a):  # first order only, in place
+            return torch.softmax(z, c).mul_(g).scatter_add_(c, index, -g), grad_a, None, None
+        grad_z = ScaledSoftmaxFunction.apply(z, g, c) - torch.zeros_like(z).scatter(c, index, g)
+        return grad_z, grad_a, None, None
+
+    @staticmethod
+    def tangent(ctx: Any, z_dot: Optional[Tensor], a_dot: Optional[Tensor], *_: Any) -> Tensor:
+        z, a, t = saved_primals(ctx)
+        c = ctx.c
+        index = t.unsqueeze(c)
+        out = torch.zeros_like(a)
+        if z_dot is not None:
+            p = SoftmaxFunction.apply(z, c)
+            out = out + a * ((z_dot * p).sum(c) - z_dot.gather(c, index).squeeze(c))
+        if a_dot is not None:
+            out = out + a_dot * (logsumexp(z, c) - z.gather(c, index).squeeze(c))
+        return out
+
+
 def _loss_per_sample(
-    input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float
+    input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+    composite: bool = False,
 ) -> Tuple[Tensor, Any]:
-    """``(ℓ, D)``: per-sample losses ``Σ_c Q_c (lse − z_c)`` and the mean-reduction normaliser."""
+    """``(ℓ, D)``: per-sample losses ``Σ_c Q_c (lse − z_c)`` and the mean-reduction normaliser.
+    Unsmoothed index targets use :class:`PickedNLLFunction` unless ``composite`` (the Taylor rule)."""
     c = 0 if input.dim() == 1 else 1
     n_classes = input.shape[c]
     eps = float(label_smoothing)
+    if eps == 0 and not composite and not target.dtype.is_floating_point:
+        valid = target != ignore_index
+        w_t = valid.to(input.dtype) if weight is None else weight.to(input.dtype)[target.where(valid, 0)] * valid
+        return PickedNLLFunction.apply(input, w_t, target.where(valid, 0), c), w_t.sum()
     lse = logsumexp(input, c, keepdim=True)
     w = None
     if weight is not None:
@@ -137,11 +202,14 @@ def _cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    composite: bool = True,
 ) -> Tensor:
+    """cross_entropy in elementary ops (``composite=True``: the Taylor rule, on Jets) or with
+    :class:`PickedNLLFunction` for unsmoothed index targets (the public op)."""
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     _check(input, target, weight, ignore_index, reduction, label_smoothing)
-    loss, normaliser = _loss_per_sample(input, target, weight, ignore_index, label_smoothing)
+    loss, normaliser = _loss_per_sample(input, target, weight, ignore_index, label_smoothing, composite)
     if reduction == "none":
         return loss
     total = loss.sum()
@@ -174,4 +242,5 @@ def cross_entropy(
     module docstring for ``Q`` and the normaliser). Gradient ``g (s softmax(z) − Q)``; derivatives of
     every order w.r.t. the logits and the probability targets.
     """
-    return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                          composite=False)
