@@ -113,3 +113,55 @@ def test_fused_paths_are_taken_when_nothing_differentiates(monkeypatch):
     for op, _ in CASES.values():
         torch.autograd.grad((op(x, g, b) ** 2).sum(), (x, g, b), create_graph=True)
     assert calls == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_fused_path_weights_ignore_index(reduction, device):
+    """Index targets with class weights and ignored samples: the fused first-order gradient equals
+    the built-in's w.r.t. the logits, and the weight gradient equals reverse mode of a composite of
+    elementary ops (torch's cross_entropy has no weight gradient)."""
+    torch.manual_seed(4)
+    opts = dict(dtype=torch.float64, device=device)
+    z = torch.randn(6, 5, 3, **opts, requires_grad=True)
+    w = (torch.rand(5, **opts) + 0.5).requires_grad_()
+    t = torch.randint(0, 5, (6, 3), device=device)
+    t[0, 1] = t[3, 2] = -100
+    G = torch.randn(6, 3, **opts) if reduction == "none" else torch.tensor(1.7, **opts)
+
+    def composite(z, w):
+        valid = t != -100
+        tt = t.where(valid, 0)
+        w_t = w[tt] * valid
+        loss = -w_t * torch.log_softmax(z, 1).gather(1, tt.unsqueeze(1)).squeeze(1)
+        return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / w_t.sum()}[reduction]
+
+    gz, gw = torch.autograd.grad(ops.cross_entropy(z, t, w, reduction=reduction), (z, w), G)
+    (gz_ref,) = torch.autograd.grad(F.cross_entropy(z, t, w.detach(), reduction=reduction), z, G)
+    gw_ref = torch.autograd.grad(composite(z, w), w, G)[0]
+    for got, ref in ((gz, gz_ref), (gw, gw_ref)):
+        assert ref.abs().max() > 1e-3
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_cross_entropy_fused_path_is_taken(monkeypatch):
+    """A plain backward of cross_entropy skips the differentiable ScaledSoftmaxFunction; create_graph
+    uses it."""
+    import sys
+
+    CE = sys.modules["torch_hod.ops.cross_entropy"]
+    calls = []
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append(1)
+            return S.ScaledSoftmaxFunction.apply(*args)
+
+    monkeypatch.setattr(CE, "ScaledSoftmaxFunction", Spy)
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, 4, 1])
+    ops.cross_entropy(z, t).backward()
+    assert calls == []
+    torch.autograd.grad(ops.cross_entropy(z, t), z, create_graph=True)
+    assert calls == [1]
