@@ -222,6 +222,8 @@ register_taylor_rule(Tensor.where, lambda self, condition, y: _where(condition, 
 def _product(a: Jet, b: Jet) -> Jet:
     """Elementwise Cauchy product of two Jets (broadcasting): ``(ab)_k = Σ_i a_i b_{k−i}``."""
     L = level_of(a, b)
+    if a is b:
+        return from_coefficients(S.square(coefficients(a), L.collapsed), L)
     ndim = len(torch.broadcast_shapes(a.shape, b.shape))
     return from_coefficients(S.mul(_lift(coefficients(a), ndim, L.collapsed), _lift(coefficients(b), ndim, L.collapsed), L.collapsed), L)
 
@@ -733,9 +735,21 @@ register_taylor_rule(F.scaled_dot_product_attention, _sdpa)
 
 
 def _normalize(x: Any, dims: tuple, eps: float) -> Any:
-    """``(x − mean) / sqrt(var + eps)`` over ``dims`` (biased variance)."""
+    """``(x − mean) / sqrt(var + eps)`` over ``dims`` (biased variance).
+
+    On a Jet, directly on its coefficients: ``c = x − mean x`` (one call on all coefficients),
+    ``v_k = mean(Σ_{i+j=k} c_i c_j)`` (symmetric products), ``r = (v + ε)^{−1/2}`` by the power
+    recurrence on the small reduced tensors, and the Cauchy product ``c·r`` (intermediates never
+    re-stacked)."""
     xc = x - x.mean(dims, keepdim=True)
-    return xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    L = level_of(xc)
+    if not is_jet(xc, L):
+        return xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    neg = tuple(d - xc.dim() if d >= 0 else d for d in dims)  # directed coefficients have a leading R axis
+    c = coefficients(xc)
+    v = [t.mean(neg, keepdim=True) for t in S.square(c, L.collapsed)]
+    v[0] = v[0] + eps
+    return from_coefficients(S.mul(c, S.pow(v, -0.5, L.collapsed), L.collapsed), L)
 
 
 def _layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
