@@ -250,6 +250,10 @@ def test_bad_arguments_raise_clear_errors(x):
         check_op(ops.sin, torch.sin, (x,), modes=["backward"])
     with pytest.raises(ValueError, match="order must be an int >= 0"):
         check_op(ops.sin, torch.sin, (x,), order=-1)
+    with pytest.raises(ValueError, match="order must be an int >= 0"):
+        check_op(ops.sin, torch.sin, (x,), order=True)
+    with pytest.raises(ValueError, match="names an input more than once"):  # before: a confusing silent zero
+        check_op(ops.sin, torch.sin, (x,), argnums=(0, -1))
     with pytest.raises(TypeError, match="input 1 is a tensor of dtype torch.int64"):
         check_op(lambda x, t: x, lambda x, t: x, (x, torch.ones(2, dtype=torch.long)), argnums=(1,))
     with pytest.raises(ValueError, match="argnums entry 3 is not a position"):

@@ -536,7 +536,7 @@ def check_op(
 def _check_arguments(name: str, inputs: Tuple[Any, ...], order: Any, modes: Tuple[str, ...],
                      argnums: Optional[Sequence[int]]) -> Tuple[int, ...]:
     """Validate check_op's arguments; returns the normalised ``argnums``."""
-    if not isinstance(order, int) or order < 0:
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise ValueError(f"check_op({name}): order must be an int >= 0, got {order!r}")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -552,7 +552,10 @@ def _check_arguments(name: str, inputs: Tuple[Any, ...], order: Any, modes: Tupl
             raise TypeError(f"check_op({name}): input {i} is {what}; differentiated inputs must be real floating-point tensors")
     if not argnums and order > 0:
         raise ValueError(f"check_op({name}): no floating-point tensor input to differentiate; pass argnums or order=0")
-    return tuple(i % len(inputs) for i in argnums)
+    positions = tuple(i % len(inputs) for i in argnums)
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"check_op({name}): argnums {tuple(argnums)} names an input more than once")
+    return positions
 
 
 def _failure_message(report: CheckReport, inputs: Tuple[Any, ...], argnums: Tuple[int, ...]) -> str:
