@@ -123,3 +123,23 @@ def test_gelu_bad_approximate():
     x = torch.randn(3, dtype=torch.float64)
     with pytest.raises((RuntimeError, ValueError), match="approximate"):
         jet(lambda t: F.gelu(t, approximate="cubic"), (x,), [[torch.ones_like(x)]])
+
+
+@pytest.mark.parametrize("name", ["gelu", "erf", "layer_norm"])
+def test_nested_jets(name):
+    """A jet inside a jet (coefficients are Jets of the outer call): D_w D²_v f against nested
+    torch.func.jvp of the reference (of the elementary composite for layer_norm)."""
+    from torch.func import jvp
+
+    g = torch.Generator().manual_seed(7)
+    x, v, w = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    f, ref = {
+        "gelu": (F.gelu, F.gelu),
+        "erf": (torch.erf, torch.erf),
+        "layer_norm": (lambda t: F.layer_norm(t, (5,)), lambda t: _layer_norm_composite(t, (5,))),
+    }[name]
+    inner = lambda t: jet(f, (t,), [[v, torch.zeros_like(v)]])[1][1]
+    _, (out,) = jet(inner, (x,), [[w]])
+    d2 = lambda t: jvp(lambda y: jvp(ref, (y,), (v,))[1], (t,), (v,))[1]
+    expected = jvp(d2, (x,), (w,))[1]
+    assert_close(out, expected, what=f"nested {name}")

@@ -207,7 +207,8 @@ def gelu(x: Series, collapsed: bool) -> Series:
     """``y = x Φ(x)`` (exact GELU): ``Φ`` by :func:`gaussian_integral` (``Φ' = φ x'``,
     ``φ' = −x φ x'``), then one Cauchy product with ``x``."""
     x0 = x[0]
-    Phi = gaussian_integral(x, torch.special.ndtr(x0), torch.exp(-0.5 * x0 * x0) * (1.0 / math.sqrt(2.0 * math.pi)), 0.5, collapsed)
+    Phi0 = torch.special.ndtr(x0) if type(x0) in _PLAIN else 0.5 * (1 + torch.erf(x0 * (1 / math.sqrt(2.0))))  # outer Jets
+    Phi = gaussian_integral(x, Phi0, torch.exp(-0.5 * x0 * x0) * (1.0 / math.sqrt(2.0 * math.pi)), 0.5, collapsed)
     y = mul(x, Phi, collapsed)
     y[0] = torch.nn.functional.gelu(x0)
     return y
