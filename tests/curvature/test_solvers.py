@@ -207,8 +207,8 @@ def test_newton_cg_bad_input():
         NewtonCG([w], cg_max_iterations=0)
     with pytest.raises(ValueError, match="0 < armijo < 1"):  # before: accepted (armijo=1.5 rejects every step)
         NewtonCG([w], armijo=1.5)
-    with pytest.raises(ValueError, match="cg_rtol > 0"):
-        NewtonCG([w], cg_rtol=0.0)
+    with pytest.raises(ValueError, match="cg_rtol >= 0"):
+        NewtonCG([w], cg_rtol=-1e-3)
     with pytest.raises(ValueError, match="max_backtracks"):
         NewtonCG([w], max_backtracks=-1)
     opt = NewtonCG([w])

@@ -147,8 +147,8 @@ class NewtonCG(torch.optim.Optimizer):
             raise ValueError(f"NewtonCG: damping and min_damping must be >= 0, got {damping}, {min_damping}")
         if isinstance(cg_max_iterations, bool) or not isinstance(cg_max_iterations, int) or cg_max_iterations < 1:
             raise ValueError(f"NewtonCG: cg_max_iterations must be an integer >= 1, got {cg_max_iterations!r}")
-        if not cg_rtol > 0 or not 0 < armijo < 1:
-            raise ValueError(f"NewtonCG: need cg_rtol > 0 and 0 < armijo < 1, got {cg_rtol}, {armijo}")
+        if not cg_rtol >= 0 or not 0 < armijo < 1:
+            raise ValueError(f"NewtonCG: need cg_rtol >= 0 and 0 < armijo < 1, got {cg_rtol}, {armijo}")
         if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, int) or max_backtracks < 0:
             raise ValueError(f"NewtonCG: max_backtracks must be an integer >= 0, got {max_backtracks!r}")
         if not 0 < decrease < 1 < increase:
