@@ -103,8 +103,8 @@ def _normalize_jacobian(norm: _Norm, g: Tensor, xhat: Tensor, r: Tensor) -> Tens
     return r * out
 
 
-def _fused_backward(norm: _Norm, gy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rm: Optional[Tensor],
-                    rv: Optional[Tensor], mean: Tensor, rstd: Tensor,
+def _fused_backward(norm: _Norm, gy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    rm: Optional[Tensor], rv: Optional[Tensor], mean: Tensor, rstd: Tensor,
                     need: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
     """``(x̄, γ̄, β̄)`` by ATen's fused first-order kernels, from the forward's saved ``mean``/``rstd``
     (layer_norm and batch_norm only: ATen's rms_norm backward has no CPU kernel, and torch's own CPU
@@ -152,7 +152,8 @@ class NormalizeFunction(HigherOrderFunction):
         norm: _Norm = ctx.norm
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if norm.kind != "rms" and records_nothing(gy, x, weight):
-            return (*_fused_backward(norm, gy, x, weight, bias, rm, rv, mean, rstd, (need_x, need_w, need_b)), None, None, None)
+            grads = _fused_backward(norm, gy, x, weight, bias, rm, rv, mean, rstd, (need_x, need_w, need_b))
+            return (*grads, None, None, None)
         gb = norm.sum_to_param(gy) if need_b else None
         xhat, r = _statistics(norm, x, rm, rv)
         gx = gw = None
