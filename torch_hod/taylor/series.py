@@ -6,30 +6,22 @@ the value's shape; every ``c_k`` with ``k ≥ 1`` carries a leading direction ax
 In *collapsed* mode the top coefficient ``cK`` has no direction axis: it is the sum over the R
 directions. Every rule below computes ``y_K`` as "linear part in the top input coefficient" plus
 "products of lower coefficients", and in collapsed mode sums those products over the direction
-axis (:func:`cross`), so the same code serves both modes (Dangel et al., 2025).
+axis (:func:`dot`), so the same code serves both modes (Dangel et al., 2025).
 
-All recurrences are O(K²) products of tensors (JAX jet / Griewank–Walther, ch. 13).
+All recurrences are O(K²) products of tensors (JAX jet / Griewank–Walther, ch. 13), accumulated
+with fused multiply-adds (:func:`fma`, one ``torch.addcmul`` per term with the recurrence weight
+folded in); self-products (``x²``, tanh's ``1 − y²``) use the symmetric half of the Cauchy sum.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 Series = List[Tensor]
 Number = Union[int, float]
-
-
-def cross(terms: Sequence[Tensor], top: bool) -> Union[Tensor, int]:
-    """Sum of products of directed coefficients; summed over directions when ``top`` (collapsed)."""
-    if not terms:
-        return 0
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total.sum(0) if top else total
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -67,15 +59,9 @@ def _is_top(k: int, K: int, collapsed: bool) -> bool:
     return collapsed and k == K
 
 
-def mul(a: Series, b: Series, collapsed: bool, times: Callable = torch.mul) -> Series:
-    """Cauchy product ``(a·b)_k = Σ_{i=0}^{k} a_i b_{k−i}`` (``times`` must broadcast over R)."""
+def mul(a: Series, b: Series, collapsed: bool) -> Series:
+    """Cauchy product ``(a·b)_k = Σ_{i=0}^{k} a_i b_{k−i}`` (elementwise, broadcasting over R)."""
     K = len(a) - 1
-    if times is not torch.mul:
-        out = [times(a[0], b[0])]
-        for k in range(1, K + 1):
-            inner = cross([times(a[i], b[k - i]) for i in range(1, k)], _is_top(k, K, collapsed))
-            out.append(times(a[0], b[k]) + times(a[k], b[0]) + inner)
-        return out
     out = [a[0] * b[0]]
     for k in range(1, K + 1):
         inner = dot([(a[i], b[k - i], 1) for i in range(1, k)], _is_top(k, K, collapsed))
