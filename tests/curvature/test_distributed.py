@@ -5,8 +5,6 @@ with its shard of unequal batches, and compares what they return with one proces
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -61,18 +59,10 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from conftest import run_ranks  # not at module level: the workers run this file as a script
+
     init = tmp_path / "init"
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), "2", str(init), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=TIMEOUT_S)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    run_ranks(__file__, lambda r: ["--worker", str(r), "2", str(init), str(tmp_path)], timeout=TIMEOUT_S)
 
     model, loss_fn, X, y = problem()
     full = batches(X, y, SHARDS[0] + SHARDS[1])

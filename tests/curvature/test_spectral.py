@@ -4,8 +4,6 @@ Statistical checks use a tolerance derived from the observed variance: over R in
 |mean − exact| < 5 · (sample std) / √R.
 """
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -384,17 +382,9 @@ def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_ranks_match_single_process(tmp_path):
     """Two ranks on two shards (seeded probes, all-reduced products) return the same numbers as each
     other and as one process on all the data."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(tmp_path / "init"), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=180)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    from conftest import run_ranks  # not at module level: the workers run this file as a script
+
+    run_ranks(__file__, lambda r: ["--worker", str(r), str(tmp_path / "init"), str(tmp_path)], timeout=180)
     _, _, X, y = distributed_problem()
     expected = estimates_on([(X, y)])
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
